@@ -158,7 +158,7 @@ def moe_ffn(x, gates, token_index, w_in, w_out):
     f = w_in.shape[2]
     if getattr(w_out, "ndim", None) != 3 or w_out.shape != (e, f, d):
         raise ValueError(f"w_out must have shape [e={e}, f={f}, d={d}], got {getattr(w_out, 'shape', None)}")
-    if not xp.issubdtype(token_index.dtype, xp.integer):
+    if not np.issubdtype(token_index.dtype, np.integer):   # CuPy dtypes are NumPy dtypes
         raise ValueError(f"token_index must hold integers, got dtype {token_index.dtype}")
     if bool(xp.any(token_index < -1)) or bool(xp.any(token_index >= n)):
         raise ValueError(f"token_index must be in [-1, {n - 1}] (-1 marks an empty slot)")
