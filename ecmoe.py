@@ -1,0 +1,518 @@
+"""ecmoe: a fast PyTorch Mixture-of-Experts layer with Expert Choice routing.
+
+Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022 (arXiv:2202.09368).
+Every function here mirrors the NumPy reference `reference_numpy.py` (same name, same
+semantics, see SPEC.md) but accepts leading group dimensions, runs on any device, and is
+differentiable where it makes sense. `MoE` is the layer built from them.
+
+Equations (paper Sec. 3.2), per routing group of n tokens:
+    S = Softmax(X W_g)                      router probabilities, softmax over experts   [n, e]
+    k = n c / e                   (Eq. 1)   bucket size; here ceil, clipped to [1, n]
+    G, I = TopK(S^T, k)           (Eq. 2)   each expert keeps its k best tokens          [e, k]
+    X_in = P X,  P = OneHot(I)    (Eq. 3)   dispatch (done here as a gather, no one-hot)  [e, k, d]
+    X_e[i] = GeLU(X_in[i] W1[i]) W2[i]      expert FFN, tanh-GELU, no biases             [e, k, d]
+    X_out[l] = sum_ij P[i,j,l] G[i,j] X_e[i,j]   (Eq. 4)  combine (scatter-add)          [n, d]
+Capped EC (Sec. 3.3): max <S^T, A> + lambda H(A) s.t. rows of A sum to k, columns <= b,
+0 <= A <= 1, solved by KL Dykstra in log space, then rounded by a greedy b-matching.
+
+Shape legend:
+    B batch, T sequence length, d model width (d_model), f expert hidden width (d_ff),
+    e experts, n tokens in a routing group, k expert capacity (slots per expert),
+    c capacity factor, b max experts per token, "..." leading group dimensions.
+
+Token order inside a group (MoE.group): "batch" = all B*T tokens, position-major (t*B + b);
+"sequence" = each row (B groups of T); "position" = tokens sharing a position (T groups of B).
+Tiny groups: k = expert_capacity(n, e, c) is never below 1, so a group of ONE token (group
+"position" at batch size 1, i.e. decoding) has k = 1 and every expert takes that token.
+"""
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTERS = ("expert_choice", "capped_expert_choice", "top1", "top2")
+GROUPS = ("batch", "sequence", "position")
+# capped LP solver defaults, the same as reference_numpy's (a test keeps them in sync)
+DEFAULT_ENTROPY_WEIGHT = 1e-2  # lambda; the paper's 1e-3 does not converge in 100 sweeps
+DEFAULT_MAX_ITER = 1000  # Dykstra sweeps at most
+DEFAULT_TOL = 1e-5  # stop when constraints hold and A stops moving, to this tolerance
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(value, name, min_dim, floating=True):
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {value.dtype}")
+    if value.dim() < min_dim or 0 in value.shape:
+        raise ValueError(f"{name} must be a non-empty tensor with at least {min_dim} dims; "
+                         f"got shape {tuple(value.shape)}")
+    if floating and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+
+
+def _check_probs(probs, name="probs"):
+    _check_tensor(probs, name, 2)
+    if bool((probs < 0).any()) or bool((probs > 1).any()):
+        raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def _check_int(value, name, low, high):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
+
+
+def _router_dtype(dtype):
+    """Router math runs in float32, or float64 when the inputs are float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- router
+def router_logits(x, w_router, validate=True):
+    """Router logits x @ w_router in float32 (float64 for float64 inputs), autocast off.
+
+    x [..., n, d], w_router [d, e] -> logits [..., n, e]."""
+    if validate:
+        _check_tensor(x, "x", 2)
+        _check_tensor(w_router, "w_router", 2)
+        if w_router.dim() != 2 or w_router.shape[0] != x.shape[-1]:
+            raise ValueError(f"w_router must have shape [d={x.shape[-1]}, e]; got {tuple(w_router.shape)}")
+    dtype = _router_dtype(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return x.to(dtype) @ w_router.to(dtype)
+
+
+def router_probs(x, w_router, validate=True):
+    """S = Softmax(X W_g) over the experts axis. x [..., n, d], w_router [d, e] -> probs [..., n, e]."""
+    logits = router_logits(x, w_router, validate)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.softmax(logits, dim=-1)  # softmax is max-subtracted internally
+
+
+def expert_capacity(n_tokens, n_experts, capacity_factor):
+    """(Eq. 1) k = ceil(n c / e), clipped to [1, n]. Total slots e*k >= n*c.
+
+    Rounding n*c/e to 9 decimals first keeps e.g. 0.1*30 = 3.0000000000000004 at 3."""
+    _check_int(n_tokens, "n_tokens", 1, math.inf)
+    _check_int(n_experts, "n_experts", 1, math.inf)
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real) \
+            or not math.isfinite(capacity_factor) \
+            or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be a finite number > 0; got {capacity_factor!r}")
+    k = math.ceil(round(n_tokens * capacity_factor / n_experts, 9))
+    return int(min(max(k, 1), n_tokens))
+
+
+# ----------------------------------------------------------------------------- routers
+def expert_choice(probs, k, validate=True):
+    """(Eq. 2) G, I = TopK(S^T, k): each expert takes its k highest-probability tokens.
+
+    probs [..., n, e] -> gates [..., e, k] (raw probs, differentiable), token_index [..., e, k].
+    Slot order: descending probability, ties -> lower token index (stable sort)."""
+    if validate:
+        _check_probs(probs)
+        _check_int(k, "k", 1, probs.shape[-2])
+    S_T = probs.transpose(-1, -2)  # [..., e, n]
+    # (Eq. 2) the same as torch.sort(S_T, descending=True, stable=True).indices[..., :k], but a
+    # full sort of n scores per expert costs ~10x more than topk at n = 8192, so: find each
+    # expert's k-th best score, take every token above it plus the lowest-index tokens tied
+    # with it, then stable-sort just those k.
+    scores = S_T.detach()
+    kth_best = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [..., e, 1]
+    above, tied = scores > kth_best, scores == kth_best  # [..., e, n]
+    room = k - above.sum(-1, keepdim=True)  # how many tied tokens still fit
+    chosen = above | (tied & (tied.cumsum(-1) <= room))  # exactly k per expert
+    token_index = chosen.nonzero()[:, -1].view(*S_T.shape[:-1], k)  # ascending token order
+    order = torch.sort(torch.gather(scores, -1, token_index), dim=-1, descending=True, stable=True).indices
+    token_index = torch.gather(token_index, -1, order)  # [..., e, k] best first, ties lower index
+    gates = torch.gather(S_T, -1, token_index)  # [..., e, k]
+    return gates, token_index
+
+
+def token_choice(probs, top_k, capacity, validate=True):
+    """Token choice (Switch top-1 / GShard top-2) with first-come-first-served capacity.
+
+    probs [..., n, e] -> gates, token_index [..., e, capacity]; empty slots: index -1, gate 0.
+    Claims: all 1st choices in token order, then all 2nd choices, ...; a claim on a full
+    expert is dropped. Gates: raw prob for top_k == 1, else the top_k probs renormalised."""
+    if validate:
+        _check_probs(probs)
+        _check_int(top_k, "top_k", 1, probs.shape[-1])
+        _check_int(capacity, "capacity", 1, math.inf)
+    *lead, n, e = probs.shape
+    probs = probs.reshape(-1, n, e)  # [G, n, e]
+    G = probs.shape[0]
+    choice_expert = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    choice_prob = torch.gather(probs, -1, choice_expert)  # [G, n, top_k]
+    if top_k > 1:  # renormalise before any drop
+        total = choice_prob.sum(-1, keepdim=True)
+        choice_prob = choice_prob / torch.where(total > 0, total, torch.ones_like(total))
+    # claims in priority order: rank r major, token t minor -> [G, top_k*n]
+    claim_expert = choice_expert.transpose(1, 2).reshape(G, top_k * n)
+    claim_gate = choice_prob.transpose(1, 2).reshape(G, top_k * n)
+    claim_token = torch.arange(n, device=probs.device).repeat(top_k).expand(G, -1)
+    # position of each claim in its expert's queue (earlier claims on the same expert)
+    one_hot = F.one_hot(claim_expert, e)  # [G, top_k*n, e], O(n e) not O(n e k)
+    position = (one_hot.cumsum(1) * one_hot).sum(-1) - 1  # [G, top_k*n]
+    accepted = position < capacity
+    # accepted claims go to slot expert*capacity + position; dropped ones to a spare slot
+    slot = torch.where(accepted, claim_expert * capacity + position, e * capacity)
+    gates = probs.new_zeros(G, e * capacity + 1).scatter(1, slot, claim_gate)
+    token_index = torch.full((G, e * capacity + 1), -1, dtype=torch.long, device=probs.device)
+    token_index = token_index.scatter(1, slot, claim_token)
+    gates = gates[:, :-1].reshape(*lead, e, capacity)  # drop the spare slot
+    token_index = token_index[:, :-1].reshape(*lead, e, capacity)
+    return gates, token_index
+
+
+class CappedLPSolution(NamedTuple):
+    assignment: torch.Tensor  # A [..., e, n]
+    n_iter: torch.Tensor  # [...] sweeps each group ran
+    row_residual: torch.Tensor  # [..., sweeps] max_i |sum_j A[i,j] - k|
+    col_residual: torch.Tensor  # [..., sweeps] max_j max(sum_i A[i,j] - b, 0)
+    entry_residual: torch.Tensor  # [..., sweeps] max_ij max(A[i,j] - 1, 0)
+
+
+def _check_cap(probs, k, b):
+    _check_probs(probs)
+    n, e = probs.shape[-2:]
+    _check_int(k, "k", 1, n)
+    _check_int(b, "max_experts_per_token", 1, math.inf)
+    _check_feasible(n, e, k, b)
+
+
+def _check_feasible(n, e, k, b):
+    if b * n < k * e:
+        raise ValueError(f"max_experts_per_token={b} is infeasible: the {e} experts need k*e = {k * e} "
+                         f"slots but n*b = {n * b}; need max_experts_per_token >= {math.ceil(k * e / n)}")
+
+
+def solve_capped_lp(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+                    max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, validate=True):
+    """EC-CAP LP (Sec. 3.3) by KL (Bregman) Dykstra in log space, batched over groups.
+
+    max <S^T, A> + lambda H(A)  s.t. rows of A sum to k (R), columns <= b (C), 0 <= A <= 1 (B):
+    the KL projection of K = exp(S^T / lambda) onto R n C n B. Sweep order C, B, R with one
+    correction per inequality set (the affine set R needs none), exactly as the reference.
+    probs [..., n, e] -> CappedLPSolution (A [..., e, n], residual histories [..., sweeps]).
+    A group stops once its residuals and its largest change of A in a sweep are <= tol; its
+    values then stay frozen, so every group runs exactly the sweeps it would run alone (and
+    one group's convergence never depends on another group: causality for group="position").
+    Routing only: not differentiable. Float64 for float64 probs, else float32."""
+    b = max_experts_per_token
+    if validate:
+        _check_cap(probs, k, b)
+        if not (isinstance(entropy_weight, numbers.Real) and math.isfinite(entropy_weight)
+                and entropy_weight > 0):
+            raise ValueError(f"entropy_weight must be a finite number > 0; got {entropy_weight!r}")
+        _check_int(max_iter, "max_iter", 1, math.inf)
+    *lead, n, e = probs.shape
+    log_k, log_b = math.log(k), math.log(b)
+    with torch.no_grad(), torch.autocast(device_type=probs.device.type, enabled=False):
+        S_T = probs.detach().to(_router_dtype(probs.dtype)).reshape(-1, n, e).transpose(1, 2)
+        log_A = S_T / entropy_weight  # log K [G, e, n]
+        G = log_A.shape[0]
+        A = None
+        corr_col, corr_box = torch.zeros_like(log_A), torch.zeros_like(log_A)
+        active = torch.ones(G, 1, 1, dtype=torch.bool, device=probs.device)
+        n_iter = torch.zeros(G, dtype=torch.long, device=probs.device)
+        history = []
+        for _ in range(max_iter):
+            # C: scale each token's column by min(1, b / colsum)
+            y = log_A + corr_col
+            new_log_A = y - (torch.logsumexp(y, dim=1, keepdim=True) - log_b).clamp(min=0)
+            new_corr_col = y - new_log_A
+            # B: entries min(A, 1)
+            y = new_log_A + corr_box
+            new_log_A = y.clamp(max=0)
+            new_corr_box = y - new_log_A
+            # R: scale each expert's row to sum k
+            new_log_A = new_log_A - (torch.logsumexp(new_log_A, dim=2, keepdim=True) - log_k)
+            # converged groups keep their values
+            log_A = torch.where(active, new_log_A, log_A)
+            corr_col = torch.where(active, new_corr_col, corr_col)
+            corr_box = torch.where(active, new_corr_box, corr_box)
+            A_before, A = A, log_A.exp()
+            residual = torch.stack([
+                (A.sum(2) - k).abs().amax(1),
+                (A.sum(1) - b).clamp(min=0).amax(1),
+                (A - 1).clamp(min=0).flatten(1).amax(1),
+                # feasible is not enough: also wait until a sweep no longer moves A
+                torch.full_like(A[:, 0, 0], math.inf) if A_before is None
+                else (A - A_before).abs().flatten(1).amax(1)], dim=1)  # [G, 4]
+            history.append(residual[:, :3])
+            n_iter += active.view(G).long()
+            active = active & (residual.amax(1) > tol).view(G, 1, 1)
+            if not bool(active.any()):
+                break
+        residuals = torch.stack(history, dim=-1).reshape(*lead, 3, len(history))
+        return CappedLPSolution(A.reshape(*lead, e, n), n_iter.reshape(lead),
+                                residuals[..., 0, :], residuals[..., 1, :], residuals[..., 2, :])
+
+
+def _greedy_b_matching(A, S_T, k, b):
+    """Greedy b-matching on pairs ordered by (A desc, prob desc, expert asc, token asc),
+    computed as expert-proposing deferred acceptance: same result, vectorised over groups,
+    looping over proposal rounds only. A, S_T [G, e, n] -> held [G, e, n] bool, rank [G, e, n]."""
+    G, e, n = A.shape
+    # global order of the e*n pairs; flat index i*n + j already orders (expert, token) ties
+    order = torch.sort(S_T.reshape(G, e * n), dim=1, descending=True, stable=True).indices
+    A_sorted = torch.gather(A.reshape(G, e * n), 1, order)
+    order = torch.gather(order, 1, torch.sort(A_sorted, dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(e * n, device=A.device).expand(G, -1))
+    rank = rank.reshape(G, e, n)  # 0 = best pair
+    unranked = e * n  # larger than every rank
+    preference = rank.argsort(dim=2)  # [G, e, n] each expert's tokens, best first
+    list_position = torch.arange(n, device=A.device)
+    held = torch.zeros(G, e, n, dtype=torch.bool, device=A.device)
+    n_proposed = torch.zeros(G, e, 1, dtype=torch.long, device=A.device)
+    while True:
+        need = torch.minimum(k - held.sum(2, keepdim=True), n - n_proposed)  # [G, e, 1]
+        if not bool((need > 0).any()):
+            break
+        # each expert proposes to the next `need` tokens on its list
+        window = (list_position >= n_proposed) & (list_position < n_proposed + need)  # [G, e, n]
+        proposal = torch.zeros_like(held).scatter_(2, preference, window)
+        n_proposed = n_proposed + need
+        # each token keeps its best b offers (by rank) and rejects the rest
+        offer_rank = torch.where(held | proposal, rank, unranked)
+        bth_best = offer_rank.sort(dim=1).values[:, min(b, e) - 1:min(b, e), :]  # [G, 1, n]
+        held = (held | proposal) & (offer_rank <= bth_best)
+    return held, rank
+
+
+def capped_expert_choice(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+                         max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, validate=True):
+    """EC-CAP: expert choice where no token gets more than b = max_experts_per_token experts.
+
+    probs [..., n, e] -> gates [..., e, k] (raw probs), token_index [..., e, k] (-1 = empty).
+    Solves the LP (solve_capped_lp), then rounds it greedily: pairs in order of decreasing A
+    (ties: higher prob, lower expert, lower token) are accepted while the expert holds < k
+    and the token < b. Slot order = acceptance order. ValueError if b*n < k*e (infeasible)."""
+    b = max_experts_per_token
+    if validate:
+        _check_cap(probs, k, b)
+    *lead, n, e = probs.shape
+    _check_feasible(n, e, k, b)  # always, also for the layer (validate=False): tiny groups hit it
+    A = solve_capped_lp(probs, k, b, entropy_weight, max_iter, tol, validate=False).assignment
+    S_T = probs.transpose(-1, -2)  # [..., e, n]
+    held, rank = _greedy_b_matching(A.detach().reshape(-1, e, n), S_T.detach().reshape(-1, e, n), k, b)
+    slot_rank, slot_token = torch.where(held, rank, e * n).sort(dim=2)  # held tokens first, in rank order
+    filled = slot_rank[..., :k] < e * n  # [G, e, k]
+    token_index = torch.where(filled, slot_token[..., :k], -1).reshape(*lead, e, k)
+    gates = torch.gather(S_T, -1, token_index.clamp(min=0)) * filled.reshape(*lead, e, k)
+    return gates, token_index
+
+
+# ----------------------------------------------------------------------------- experts
+def moe_ffn(x, gates, token_index, w_in, w_out, validate=True):
+    """(Eq. 3-4) Dispatch tokens to experts, run the expert FFNs, combine with gates.
+
+    x [..., n, d], gates/token_index [..., e, s], w_in [e, d, f], w_out [e, f, d] -> y [..., n, d].
+    y[t] = sum over slots (i, j) with token_index[i, j] == t of
+           gates[i, j] * GeLU_tanh(x[t] @ w_in[i]) @ w_out[i].   Slots with index -1 add nothing."""
+    if validate:
+        _check_tensor(x, "x", 2)
+        _check_tensor(gates, "gates", 2)
+        _check_tensor(token_index, "token_index", 2, floating=False)
+        _check_tensor(w_in, "w_in", 3)
+        _check_tensor(w_out, "w_out", 3)
+        if token_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"token_index must be int32 or int64; got {token_index.dtype}")
+        if gates.shape != token_index.shape or gates.shape[:-2] != x.shape[:-2]:
+            raise ValueError(f"gates and token_index must both have shape [..., e, s] with the "
+                             f"leading dims of x {tuple(x.shape[:-2])}; got {tuple(gates.shape)} "
+                             f"and {tuple(token_index.shape)}")
+        e, d, f = w_in.shape if w_in.dim() == 3 else (None, None, None)
+        if d != x.shape[-1] or e != gates.shape[-2] or w_out.shape != (e, f, d):
+            raise ValueError(f"w_in must be [e={gates.shape[-2]}, d={x.shape[-1]}, f] and w_out "
+                             f"[e, f, d]; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
+        if bool((token_index < -1).any()) or bool((token_index >= x.shape[-2]).any()):
+            raise ValueError(f"token_index must lie in [-1, {x.shape[-2]}) (-1 = empty slot)")
+    *lead, n, d = x.shape
+    e, s = gates.shape[-2:]
+    x_flat = x.reshape(-1, d)  # [G*n, d]
+    G = x_flat.shape[0] // n
+    # empty slots (-1) read token 0 of their group and get gate 0, so they add exactly 0
+    filled = token_index >= 0
+    gates = torch.where(filled, gates, torch.zeros((), dtype=gates.dtype, device=gates.device))
+    group_offset = torch.arange(G, device=x.device).view(1, G, 1) * n
+    flat_index = (token_index.clamp(min=0).reshape(G, e, s).transpose(0, 1) + group_offset).reshape(e, G * s)
+    # (Eq. 3) X_in = P X as a gather: [e, G*s, d]; all groups' slots of one expert side by side
+    X_in = torch.index_select(x_flat, 0, flat_index.reshape(-1)).view(e, G * s, d)
+    # expert FFN as two batched matmuls over experts (autocast dtype if autocast is on)
+    X_e = torch.bmm(F.gelu(torch.bmm(X_in, w_in), approximate="tanh"), w_out)  # [e, G*s, d]
+    # (Eq. 4) X_out[l] = sum_ij P[i,j,l] G[i,j] X_e[i,j], as a scatter-add in x's dtype.
+    gate_per_slot = gates.reshape(G, e, s).transpose(0, 1).reshape(e, G * s, 1).to(x.dtype)
+    weighted = X_e.to(x.dtype) * gate_per_slot  # [e, G*s, d]
+    # index_add_ with duplicate indices (a token picked by several experts) uses atomicAdd on
+    # CUDA, so the summation order, and the last bits of y, can vary between runs; the same
+    # holds for the gradient of x (index_select's backward is an index_add_). CPU is
+    # deterministic. For bitwise-reproducible GPU runs call torch.use_deterministic_algorithms(True):
+    # PyTorch then switches index_add_ to a deterministic kernel. GPU tests use tolerances.
+    y = torch.zeros_like(x_flat).index_add_(0, flat_index.reshape(-1), weighted.reshape(e * G * s, d))
+    return y.view(*lead, n, d)
+
+
+# ----------------------------------------------------------------------------- losses
+def load_balancing_loss(probs, validate=True):
+    """Switch balance loss e * sum_i f_i P_i per group. probs [..., n, e] -> [...].
+
+    f_i: fraction of tokens whose first choice (argmax, ties lower index) is i; P_i: mean
+    prob of expert i. Equals 1.0 when balanced. Differentiable through P_i."""
+    if validate:
+        _check_probs(probs)
+    e = probs.shape[-1]
+    f = F.one_hot(probs.argmax(-1), e).to(probs.dtype).mean(-2)  # [..., e]
+    P = probs.mean(-2)  # [..., e]
+    return e * (f * P).sum(-1)
+
+
+def router_z_loss(logits, validate=True):
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits [..., n, e] -> [...]."""
+    if validate:
+        _check_tensor(logits, "logits", 2)
+    return (torch.logsumexp(logits, dim=-1) ** 2).mean(-1)
+
+
+# ----------------------------------------------------------------------------- layer
+class RoutingStats(NamedTuple):
+    experts_per_token: torch.Tensor  # [5] fraction of tokens with 0, 1, 2, 3-4, >4 experts (Fig. 3)
+    unrouted_fraction: torch.Tensor  # tokens that no expert processed
+    dropped_fraction: torch.Tensor  # token choice: assignments dropped by capacity (EC: 0)
+    load_max_over_mean: torch.Tensor  # max over experts of demand / mean demand (EC: 1)
+    overflow_fraction: torch.Tensor  # token choice: experts whose demand exceeds capacity (EC: 0)
+
+
+class MoEOutput(NamedTuple):
+    y: torch.Tensor  # [B, T, d]
+    aux_loss: torch.Tensor  # Switch balance loss, unweighted (0 for EC routers)
+    z_loss: torch.Tensor  # router z-loss, unweighted
+    stats: RoutingStats
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN layer with expert-choice (or token-choice) routing.
+
+    Arguments:
+    - d_model: model width d (input and output size).
+    - d_ff: hidden width f of each expert (a tanh-GELU FFN without biases).
+    - n_experts: number of experts e.
+    - router: "expert_choice" (paper Sec. 3.2), "capped_expert_choice" (EC-CAP, Sec. 3.3),
+      "top1" (Switch) or "top2" (GShard, gates renormalised).
+    - capacity_factor: c; every group of n tokens gets k = expert_capacity(n, e, c) slots per
+      expert (ceil(n c / e) clipped to [1, n]); token choice uses the same k as its capacity.
+    - group: which tokens compete in one routing group: "batch" (all B*T, position-major
+      order t*B + b), "sequence" (each row), "position" (tokens sharing a position; causal).
+      A group of 1 token (group "position", batch size 1) gets k = 1: every expert takes it.
+    - max_experts_per_token: b, the cap for "capped_expert_choice" (needs c <= b).
+    - entropy_weight, max_iter, tol: the capped LP solver's lambda, iteration limit, tolerance.
+    Parameters: w_router [d, e] (std 0.02), w_in [e, d, f] (std 1/sqrt(d)),
+    w_out [e, f, d] (std 1/sqrt(f)); the layouts match reference_numpy, so weights copy over.
+    """
+
+    def __init__(self, d_model, d_ff, n_experts, router="expert_choice", capacity_factor=2.0,
+                 group="batch", max_experts_per_token=2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+                 max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+        super().__init__()
+        _check_int(d_model, "d_model", 1, math.inf)
+        _check_int(d_ff, "d_ff", 1, math.inf)
+        _check_int(n_experts, "n_experts", 1, math.inf)
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}; got {router!r}")
+        if group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}; got {group!r}")
+        expert_capacity(1, n_experts, capacity_factor)  # validates capacity_factor
+        _check_int(max_experts_per_token, "max_experts_per_token", 1, math.inf)
+        if router == "capped_expert_choice" and capacity_factor > max_experts_per_token:
+            raise ValueError(f"capacity_factor must be <= max_experts_per_token={max_experts_per_token} "
+                             f"for capped_expert_choice (else infeasible); got {capacity_factor}")
+        self.d_model, self.d_ff, self.n_experts = d_model, d_ff, n_experts
+        self.router, self.capacity_factor, self.group = router, capacity_factor, group
+        self.max_experts_per_token = max_experts_per_token
+        self.entropy_weight, self.max_iter, self.tol = entropy_weight, max_iter, tol
+        self.w_router = nn.Parameter(torch.randn(d_model, n_experts) * 0.02)
+        self.w_in = nn.Parameter(torch.randn(n_experts, d_model, d_ff) / math.sqrt(d_model))
+        self.w_out = nn.Parameter(torch.randn(n_experts, d_ff, d_model) / math.sqrt(d_ff))
+
+    def group_tokens(self, x):
+        """x [B, T, d] -> [groups, n, d] in the documented token order."""
+        B, T, d = x.shape
+        if self.group == "batch":
+            return x.transpose(0, 1).reshape(1, T * B, d)  # [1, T*B, d], token t*B + b
+        if self.group == "sequence":
+            return x  # [B, T, d]
+        return x.transpose(0, 1)  # [T, B, d]
+
+    def ungroup_tokens(self, y, B, T):
+        """Inverse of group_tokens: [groups, n, d] -> [B, T, d]."""
+        if self.group == "batch":
+            return y.view(T, B, -1).transpose(0, 1)  # [B, T, d]
+        if self.group == "sequence":
+            return y
+        return y.transpose(0, 1)  # [B, T, d]
+
+    def route(self, probs):
+        """probs [groups, n, e] -> gates, token_index [groups, e, k] with this layer's router."""
+        n, e = probs.shape[-2:]
+        k = expert_capacity(n, e, self.capacity_factor)
+        if self.router == "expert_choice":
+            return expert_choice(probs, k, validate=False)
+        if self.router == "capped_expert_choice":
+            return capped_expert_choice(probs, k, self.max_experts_per_token, self.entropy_weight,
+                                        self.max_iter, self.tol, validate=False)
+        return token_choice(probs, 1 if self.router == "top1" else 2, k, validate=False)
+
+    def forward(self, x):
+        """x [B, T, d] -> MoEOutput(y [B, T, d], aux_loss, z_loss, stats).
+
+        Axes: B batch, T positions, d model width, n tokens per group, e experts, k slots."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a 3-D tensor [B, T, d_model]; got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dim d_model={self.d_model}; got {x.shape[-1]}")
+        _check_tensor(x, "x", 3)  # floating, non-empty, finite
+        B, T, d = x.shape
+        x_groups = self.group_tokens(x)  # [groups, n, d]
+        logits = router_logits(x_groups, self.w_router, validate=False)  # [groups, n, e], fp32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # S = Softmax(X W_g), float32 even under autocast
+            probs = torch.softmax(logits, dim=-1)
+            if bool(torch.isnan(probs).any()):
+                raise ValueError("router probabilities are NaN (check w_router for NaN/inf)")
+            # (Eq. 1-2) k = expert_capacity(n, e, c); G, I = TopK(S^T, k) (or capped / token choice)
+            gates, token_index = self.route(probs)  # [groups, e, k]
+        # (Eq. 3-4) gather, expert FFNs, gate-weighted scatter-add; one path for every router
+        y = moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False)
+        if self.router in ("top1", "top2"):
+            aux_loss = load_balancing_loss(probs, validate=False).mean()
+        else:
+            aux_loss = probs.new_zeros(())
+        z_loss = router_z_loss(logits, validate=False).mean()
+        stats = self.routing_stats(probs.detach(), token_index)
+        return MoEOutput(self.ungroup_tokens(y, B, T), aux_loss, z_loss, stats)
+
+    @torch.no_grad()
+    def routing_stats(self, probs, token_index):
+        """RoutingStats from probs [groups, n, e] and token_index [groups, e, k]."""
+        G, n, e = probs.shape
+        k = token_index.shape[-1]
+        filled = token_index >= 0
+        flat = (token_index.clamp(min=0) + torch.arange(G, device=probs.device).view(G, 1, 1) * n)[filled]
+        per_token = torch.bincount(flat, minlength=G * n)  # experts per token [G*n]
+        bins = torch.stack([per_token == 0, per_token == 1, per_token == 2,
+                            (per_token >= 3) & (per_token <= 4), per_token > 4]).float().mean(1)
+        zero, one = probs.new_zeros(()).float(), probs.new_ones(()).float()
+        if self.router in ("expert_choice", "capped_expert_choice"):
+            return RoutingStats(bins, bins[0], zero, one, zero)
+        top_k = 1 if self.router == "top1" else 2
+        choice = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
+        demand = F.one_hot(choice, e).sum((1, 2)).float()  # [G, e] tokens wanting each expert
+        dropped = 1 - filled.sum().float() / (G * n * top_k)
+        load = (demand.amax(1) / demand.mean(1)).mean()  # averaged over groups
+        overflow = (demand > k).float().mean()
+        return RoutingStats(bins, bins[0], dropped, load, overflow)

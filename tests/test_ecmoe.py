@@ -1,0 +1,523 @@
+"""Properties of ecmoe.py, the PyTorch layer: equal to reference_numpy, causal where it must be.
+
+Each test's docstring states one property. Float64 equivalence is exact up to ~1e-10; float32 and
+bfloat16-autocast runs are compared at looser, stated tolerances.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ecmoe
+import reference_numpy as ref
+from conftest import requires_cuda, requires_cupy
+
+ROUTERS = ecmoe.ROUTERS
+GROUPS = ecmoe.GROUPS
+LP = dict(max_iter=200)  # fewer LP sweeps keep the capped tests fast; passed to both sides
+
+
+def softmax_probs(*shape, seed=0, scale=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(scale * torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+def make_layer(router, group, d=8, f=16, e=4, c=2.0, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = ecmoe.MoE(d, f, e, router=router, capacity_factor=c, group=group, **kw)
+    with torch.no_grad():  # a router big enough to make routing decisive
+        layer.w_router.normal_(0, 1.0)
+    return layer
+
+
+def group_order(B, T, group):
+    """[groups, n] (b, t) pairs of each routing group, in the module's documented token order."""
+    if group == "batch":
+        return [[(b, t) for t in range(T) for b in range(B)]]  # position-major: t*B + b
+    if group == "sequence":
+        return [[(b, t) for t in range(T)] for b in range(B)]
+    return [[(b, t) for b in range(B)] for t in range(T)]
+
+
+def reference_layer(layer, x):
+    """The layer computed with reference_numpy, one routing group at a time (float64 NumPy)."""
+    w = {n: p.detach().numpy() for n, p in layer.named_parameters()}
+    x = x.detach().numpy()
+    B, T, d = x.shape
+    y, aux, z, routes = np.zeros_like(x), [], [], []
+    for tokens in group_order(B, T, layer.group):
+        x_g = np.stack([x[b, t] for b, t in tokens])  # [n, d]
+        probs = ref.router_probs(x_g, w["w_router"])
+        n, e = probs.shape
+        k = ref.expert_capacity(n, e, layer.capacity_factor)
+        if layer.router == "expert_choice":
+            gates, index = ref.expert_choice(probs, k)
+        elif layer.router == "capped_expert_choice":
+            gates, index = ref.capped_expert_choice(probs, k, layer.max_experts_per_token,
+                                                    layer.entropy_weight, layer.max_iter, layer.tol)
+        else:
+            gates, index = ref.token_choice(probs, 1 if layer.router == "top1" else 2, k)
+        y_g = ref.moe_ffn(x_g, gates, index, w["w_in"], w["w_out"])
+        for m, (b, t) in enumerate(tokens):
+            y[b, t] = y_g[m]
+        aux.append(ref.load_balancing_loss(probs))
+        z.append(ref.router_z_loss(x_g @ w["w_router"]))
+        routes.append(route_set(gates, index, tokens))
+    aux = float(np.mean(aux)) if layer.router in ("top1", "top2") else 0.0
+    return y, aux, float(np.mean(z)), set().union(*routes)
+
+
+def route_set(gates, index, tokens):
+    """{(expert, (b, t), gate rounded)} of the filled slots."""
+    gates, index = np.asarray(gates), np.asarray(index)
+    return {(i, tokens[index[i, j]], round(float(gates[i, j]), 10))
+            for i in range(index.shape[0]) for j in range(index.shape[1]) if index[i, j] >= 0}
+
+
+def module_routes(layer, x):
+    """The module's (expert, (b, t), gate) set, from its public functions on grouped tokens."""
+    x_g = layer.group_tokens(x)
+    probs = ecmoe.router_probs(x_g, layer.w_router)
+    gates, index = layer.route(probs)
+    B, T, _ = x.shape
+    return set().union(*(route_set(gates[g].detach(), index[g], tokens)
+                         for g, tokens in enumerate(group_order(B, T, layer.group))))
+
+
+# ----------------------------------------------------------------------------- hand-checkable cases
+def test_expert_capacity_rounds_up_and_clips():
+    """k = ceil(n c / e) clipped to [1, n]; float noise (0.1*30) does not round up."""
+    assert ecmoe.expert_capacity(8, 4, 2.0) == 4
+    assert ecmoe.expert_capacity(15, 4, 2.0) == 8  # 7.5 -> 8
+    assert ecmoe.expert_capacity(1, 8, 2.0) == 1  # paper's k would be 0.25 -> 0
+    assert ecmoe.expert_capacity(4, 1, 2.0) == 4  # never more than n
+    assert ecmoe.expert_capacity(10, 1, 0.1 * 3) == 3  # 3.0000000000000004 stays 3
+    for n, e, c in [(1, 8, 2.0), (7, 3, 1.25), (64, 8, 0.5), (30, 10, 0.3), (5, 5, 10.0)]:
+        assert ecmoe.expert_capacity(n, e, c) == ref.expert_capacity(n, e, c)
+
+
+def test_expert_choice_tiny_case_by_hand():
+    """Each expert takes its k best tokens; ties go to the lower token index; gates are raw probs."""
+    probs = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    gates, index = ecmoe.expert_choice(probs, 2)
+    assert index.tolist() == [[0, 2], [1, 0]]  # expert 0: tie 0.6/0.6 -> token 0 first
+    assert gates.tolist() == [[0.6, 0.6], [0.7, 0.4]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_expert_choice_ties_match_stable_sort(seed):
+    """With many exact ties, expert_choice picks and orders tokens exactly as a stable sort does."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.randint(0, 4, (3, 40, 5), generator=g).double() / 4
+    for k in (1, 7, 40):
+        index = ecmoe.expert_choice(probs, k)[1]
+        expected = torch.sort(probs.transpose(1, 2), dim=-1, descending=True, stable=True).indices[..., :k]
+        assert torch.equal(index, expected)
+        for gi in range(3):
+            assert index[gi].tolist() == ref.expert_choice(probs[gi].numpy(), k)[1].tolist()
+
+
+def test_token_choice_tiny_case_by_hand():
+    """Top-2: all first choices claim before second choices; a full expert drops the claim."""
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.5, 0.4]], dtype=torch.float64)
+    gates, index = ecmoe.token_choice(probs, 2, 2)
+    # 1st choices: t0->E0, t1->E0, t2->E1. 2nd: t0->E1, t1->E1 (full: dropped), t2->E2.
+    assert index.tolist() == [[0, 1], [2, 0], [2, -1]]
+    expected = [[0.7 / 0.9, 0.6 / 0.9], [0.5 / 0.9, 0.2 / 0.9], [0.4 / 0.9, 0.0]]
+    torch.testing.assert_close(gates, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_stable_sort_tie_order_on_cpu():
+    """torch.sort(stable=True, descending=True) keeps equal values in index order (large sizes too)."""
+    values = torch.randint(0, 3, (3, 5000), generator=torch.Generator().manual_seed(0)).double()
+    index = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    key = -values.gather(-1, index) * 10**5 + index  # sorted order must be increasing in key
+    assert bool((key[:, 1:] > key[:, :-1]).all())
+
+
+def test_routing_stats_by_hand():
+    """Stats: Fig. 3 histogram bins 0,1,2,3-4,>4; dropped/overflow only for token choice."""
+    layer = make_layer("top2", "sequence", e=3, c=2.0)
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.5, 0.4]]], dtype=torch.float64)
+    stats = layer.routing_stats(probs, ecmoe.token_choice(probs, 2, 2)[1])
+    assert stats.experts_per_token.tolist() == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 0.0, 0.0]
+    assert float(stats.dropped_fraction) == pytest.approx(1 / 6)  # t1's 2nd choice
+    assert float(stats.load_max_over_mean) == pytest.approx(3 / 2)  # demand E0,E1,E2 = 2,3,1
+    assert float(stats.overflow_fraction) == pytest.approx(1 / 3)  # E1 wants 3 > 2
+    ec = make_layer("expert_choice", "sequence", e=3)(torch.randn(2, 6, 8)).stats
+    assert float(ec.load_max_over_mean) == 1.0 and float(ec.dropped_fraction) == 0.0
+    assert float(ec.experts_per_token.sum()) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- capped EC rounding
+def greedy_b_matching_loop(A, probs, k, b):
+    """The reference's rule as a plain loop: pairs by (A desc, prob desc, expert, token)."""
+    e, n = len(A), len(A[0])
+    order = sorted((-A[i][j], -probs[j][i], i, j) for i in range(e) for j in range(n))
+    slots, per_token = [[] for _ in range(e)], [0] * n
+    for _, _, i, j in order:
+        if len(slots[i]) < k and per_token[j] < b:
+            slots[i].append(j)
+            per_token[j] += 1
+    return [s + [-1] * (k - len(s)) for s in slots]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deferred_acceptance_equals_greedy_with_ties(seed):
+    """Deferred acceptance (vectorised) gives exactly the greedy b-matching, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    G, e, n = 3, 5, 9
+    A = torch.randint(0, 4, (G, e, n), generator=g).double() / 4  # many exact ties in A
+    probs = torch.randint(0, 3, (G, n, e), generator=g).double() / 3  # and in the probs
+    for k, b in [(1, 1), (3, 2), (4, 3), (9, 5)]:
+        if b * n < k * e:
+            continue
+        held, rank = ecmoe._greedy_b_matching(A, probs.transpose(1, 2), k, b)
+        slot_rank, slot_token = torch.where(held, rank, e * n).sort(dim=2)
+        got = torch.where(slot_rank[..., :k] < e * n, slot_token[..., :k], -1)
+        for gi in range(G):
+            assert got[gi].tolist() == greedy_b_matching_loop(A[gi].tolist(), probs[gi].tolist(), k, b)
+
+
+@pytest.mark.parametrize("c,b", [(1.0, 1), (1.0, 2), (2.0, 2), (2.0, 3)])
+def test_capped_expert_choice_matches_reference_and_holds_cap(c, b):
+    """Capped EC: LP and routing equal the reference per group; cap b and bucket k always hold."""
+    n, e = 16, 4
+    probs = softmax_probs(3, n, e, seed=int(10 * c + b), scale=2.0)
+    k = ecmoe.expert_capacity(n, e, c)
+    sol = ecmoe.solve_capped_lp(probs, k, b, **LP)
+    gates, index = ecmoe.capped_expert_choice(probs, k, b, **LP)
+    for gi in range(3):
+        ref_sol = ref.solve_capped_lp(probs[gi].numpy(), k, b, **LP)
+        assert int(sol.n_iter[gi]) == ref_sol.n_iter
+        np.testing.assert_allclose(sol.assignment[gi].numpy(), ref_sol.assignment, atol=1e-10)
+        np.testing.assert_allclose(sol.row_residual[gi, :ref_sol.n_iter].numpy(), ref_sol.row_residual, atol=1e-10)
+        np.testing.assert_allclose(sol.col_residual[gi, :ref_sol.n_iter].numpy(), ref_sol.col_residual, atol=1e-10)
+        ref_gates, ref_index = ref.capped_expert_choice(probs[gi].numpy(), k, b, **LP)
+        assert index[gi].tolist() == ref_index.tolist()
+        np.testing.assert_allclose(gates[gi].numpy(), ref_gates, atol=1e-12)
+        per_token = torch.bincount(index[gi][index[gi] >= 0], minlength=n)
+        assert int(per_token.max()) <= b
+    assert ecmoe.DEFAULT_ENTROPY_WEIGHT == ref.DEFAULT_ENTROPY_WEIGHT
+    assert (ecmoe.DEFAULT_MAX_ITER, ecmoe.DEFAULT_TOL) == (ref.DEFAULT_MAX_ITER, ref.DEFAULT_TOL)
+
+
+def test_capped_with_loose_cap_is_plain_expert_choice():
+    """With b >= e the cap is inactive: capped EC routes the same token sets as plain EC."""
+    probs = softmax_probs(2, 12, 3, seed=3, scale=3.0)
+    capped = ecmoe.capped_expert_choice(probs, 4, 3, max_iter=1000)[1]
+    plain = ecmoe.expert_choice(probs, 4)[1]
+    assert [sorted(r) for r in capped.reshape(-1, 4).tolist()] == [sorted(r) for r in plain.reshape(-1, 4).tolist()]
+
+
+# ----------------------------------------------------------------------------- functional equivalence
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n,e", [(1, 4), (7, 3), (16, 4), (33, 8)])
+def test_functions_match_reference_float64(n, e, seed):
+    """Each function, batched over 2 groups, equals the reference on every group (float64)."""
+    d, f = 6, 10
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, d, generator=g, dtype=torch.float64)
+    w_router = torch.randn(d, e, generator=g, dtype=torch.float64)
+    w_in = torch.randn(e, d, f, generator=g, dtype=torch.float64)
+    w_out = torch.randn(e, f, d, generator=g, dtype=torch.float64)
+    probs = ecmoe.router_probs(x, w_router)
+    k = ecmoe.expert_capacity(n, e, 1.5)
+    routed = {"ec": ecmoe.expert_choice(probs, k), "top1": ecmoe.token_choice(probs, 1, k),
+              "top2": ecmoe.token_choice(probs, min(2, e), k)}
+    lb, zl = ecmoe.load_balancing_loss(probs), ecmoe.router_z_loss(x @ w_router)
+    for gi in range(2):
+        p = ref.router_probs(x[gi].numpy(), w_router.numpy())
+        np.testing.assert_allclose(probs[gi].numpy(), p, rtol=0, atol=1e-14)
+        ref_routed = {"ec": ref.expert_choice(p, k), "top1": ref.token_choice(p, 1, k),
+                      "top2": ref.token_choice(p, min(2, e), k)}
+        for name, (gates, index) in routed.items():
+            ref_gates, ref_index = ref_routed[name]
+            assert index[gi].tolist() == ref_index.tolist(), name
+            np.testing.assert_allclose(gates[gi].numpy(), ref_gates, atol=1e-14)
+            y = ecmoe.moe_ffn(x, gates, index, w_in, w_out)[gi]
+            ref_y = ref.moe_ffn(x[gi].numpy(), ref_gates, ref_index, w_in.numpy(), w_out.numpy())
+            np.testing.assert_allclose(y.numpy(), ref_y, atol=1e-10)
+        assert float(lb[gi]) == pytest.approx(ref.load_balancing_loss(p), abs=1e-12)
+        assert float(zl[gi]) == pytest.approx(ref.router_z_loss((x[gi] @ w_router).numpy()), abs=1e-12)
+
+
+def test_moe_ffn_empty_slots_add_nothing():
+    """Slots with token_index -1 contribute exactly nothing, whatever their gate says."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w_in, w_out = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 6, 4, dtype=torch.float64)
+    index = torch.tensor([[3, -1], [-1, -1]])
+    y = ecmoe.moe_ffn(x, torch.tensor([[0.5, 9.0], [7.0, 7.0]], dtype=torch.float64), index, w_in, w_out)
+    expected = 0.5 * torch.nn.functional.gelu(x[3] @ w_in[0], approximate="tanh") @ w_out[0]
+    assert torch.equal(y[[0, 1, 2, 4]], torch.zeros(4, 4, dtype=torch.float64))
+    torch.testing.assert_close(y[3], expected)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("B,T,seed", [(4, 6, 0), (2, 8, 1), (1, 5, 2)])
+def test_layer_matches_reference_float64(router, group, B, T, seed):
+    """MoE forward == reference per group (outputs, (expert, token, gate) sets, losses), float64."""
+    if router == "capped_expert_choice" and group == "position" and B == 1:
+        pytest.skip("infeasible: 1 token, k=1, e=4 experts, cap 2 (tested as a ValueError)")
+    c = 1.0 if router == "capped_expert_choice" else 2.0  # c=1 < b=2 is feasible for every group
+    layer = make_layer(router, group, c=c, seed=seed, max_iter=200).double()
+    x = torch.randn(B, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    out = layer(x)
+    y, aux, z, routes = reference_layer(layer, x)
+    np.testing.assert_allclose(out.y.detach().numpy(), y, atol=1e-10)
+    assert module_routes(layer, x) == routes
+    assert out.aux_loss.item() == pytest.approx(aux, abs=1e-10)
+    assert out.z_loss.item() == pytest.approx(z, abs=1e-10)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_layer_float32_close_to_float64(router):
+    """Float32 forward is within 1e-4 (relative to max |y|) of the float64 forward."""
+    layer = make_layer(router, "sequence", c=1.0)
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(5))
+    y32 = layer(x).y
+    y64 = layer.double()(x.double()).y
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), y64, rtol=0, atol=1e-4 * y64.abs().max().item())
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bfloat16_autocast_router_fp32_experts_bf16(router):
+    """Under bf16 autocast the router stays fp32 (same routing) and the experts run in bf16 (y within 3%)."""
+    layer = make_layer(router, "batch", d=16, f=32, c=1.0)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(6))
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert module_routes(layer, x) == module_routes(layer, x.float())
+    assert not torch.equal(out.y, reference.y)  # the expert matmuls really ran in bf16
+    scale = reference.y.abs().max().item()
+    torch.testing.assert_close(out.y.float(), reference.y, rtol=0, atol=0.03 * scale)
+    assert out.z_loss.item() == pytest.approx(reference.z_loss.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- gradients
+def test_gradcheck_routers_and_losses():
+    """Gates are differentiable w.r.t. probs (EC, top-1, top-2, capped); losses w.r.t. probs/logits."""
+    logits = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(3 * logits, -1).requires_grad_()
+    torch.autograd.gradcheck(lambda p: ecmoe.expert_choice(p, 2)[0], (probs,))
+    torch.autograd.gradcheck(lambda p: ecmoe.token_choice(p, 1, 2)[0], (probs,))
+    torch.autograd.gradcheck(lambda p: ecmoe.token_choice(p, 2, 3)[0], (probs,))
+    torch.autograd.gradcheck(lambda p: ecmoe.capped_expert_choice(p, 2, 2)[0], (probs,))
+    torch.autograd.gradcheck(lambda p: ecmoe.load_balancing_loss(p), (probs,))
+    torch.autograd.gradcheck(ecmoe.router_z_loss, (logits.clone().requires_grad_(),))
+
+
+def test_gradcheck_moe_ffn():
+    """moe_ffn is differentiable w.r.t. x, gates, w_in and w_out (duplicates and empty slots included)."""
+    g = torch.Generator().manual_seed(1)
+    x, gates = torch.randn(2, 5, 3, generator=g, dtype=torch.float64), torch.rand(2, 3, 2, generator=g, dtype=torch.float64)
+    w_in, w_out = torch.randn(3, 3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, 3, generator=g, dtype=torch.float64)
+    index = torch.tensor([[[0, 1], [1, 4], [-1, 2]], [[3, 3], [0, -1], [4, 1]]])
+    args = [t.requires_grad_() for t in (x, gates, w_in, w_out)]
+    torch.autograd.gradcheck(lambda x, gt, a, b: ecmoe.moe_ffn(x, gt, index, a, b), args)
+
+
+def test_gradcheck_layer_with_clear_margin():
+    """The EC layer is differentiable w.r.t. x and weights where routing has a clear margin."""
+    layer = make_layer("expert_choice", "sequence", d=4, f=5, e=3, c=1.0, seed=3).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    probs = ecmoe.router_probs(x, layer.w_router.detach()).transpose(-1, -2).sort(-1, descending=True).values
+    k = ecmoe.expert_capacity(6, 3, 1.0)
+    assert float((probs[..., k - 1] - probs[..., k]).min()) > 1e-4  # eps=1e-6 cannot flip routing
+    x.requires_grad_()
+    torch.autograd.gradcheck(lambda x: layer(x).y, (x,))
+    params = (layer.w_router, layer.w_in, layer.w_out)
+
+    def forward_with(w_router, w_in, w_out):
+        probs = ecmoe.router_probs(x.detach(), w_router)
+        gates, index = ecmoe.expert_choice(probs, k)
+        return ecmoe.moe_ffn(x.detach(), gates, index, w_in, w_out)
+    torch.autograd.gradcheck(forward_with, [p.detach().clone().requires_grad_() for p in params])
+
+
+# ----------------------------------------------------------------------------- causality
+CAUSAL = [(r, "position") for r in ROUTERS] + [("top1", "batch"), ("top1", "sequence")]
+
+
+@pytest.mark.parametrize("router,group", CAUSAL)
+def test_causal_routing_never_sees_the_future(router, group):
+    """Changing tokens at positions > t never changes any output at positions <= t (exactly)."""
+    B, T = 4, 6
+    layer = make_layer(router, group, c=1.0 if router == "top1" else 2.0, max_iter=100)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, T, 8, generator=g)
+    y = layer(x).y
+    for t in range(T - 1):
+        for _ in range(3):
+            x2 = x.clone()
+            x2[:, t + 1:] = 3 * torch.randn(B, T - t - 1, 8, generator=g)
+            assert torch.equal(layer(x2).y[:, :t + 1], y[:, :t + 1]), (router, group, t)
+
+
+def leaks(layer, x, x_changed, t):
+    """True if changing positions > t (x -> x_changed) changed an output at positions <= t."""
+    assert torch.equal(x[:, :t + 1], x_changed[:, :t + 1])
+    return not torch.equal(layer(x).y[:, :t + 1], layer(x_changed).y[:, :t + 1])
+
+
+def identity_router_layer(router, group, c):
+    """2 experts, d=2, w_router = identity: a token's logits are its own features."""
+    layer = make_layer(router, group, d=2, f=4, e=2, c=c)
+    with torch.no_grad():
+        layer.w_router.copy_(torch.eye(2))
+    return layer
+
+
+@pytest.mark.parametrize("group", ["batch", "sequence"])
+def test_expert_choice_leaks_under_batch_and_sequence_grouping(group):
+    """EC over a sequence is not causal: a future token can evict an earlier one from an expert."""
+    layer = identity_router_layer("expert_choice", group, c=1.0)  # n=4, e=2 -> k=2
+    x = torch.tensor([[[1.0, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 0.5]]])  # E0 takes t0, t1
+    x_changed = x.clone()
+    x_changed[0, 3] = torch.tensor([3.0, 0.0])  # t3 now outranks t1 on E0: t1 loses its expert
+    assert leaks(layer, x, x_changed, t=2)
+    assert not leaks(identity_router_layer("expert_choice", "position", 1.0), x, x_changed, t=2)
+
+
+@pytest.mark.parametrize("group", ["batch", "sequence"])
+def test_top2_leaks_through_second_choice_capacity(group):
+    """Top-2 is not causal over a sequence: a later FIRST choice changes an earlier SECOND choice."""
+    layer = identity_router_layer("top2", group, c=1.0)  # n=2, e=2 -> capacity 1
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # 1st: t0->E0, t1->E1; t0's 2nd (E1) is dropped
+    x_changed = torch.tensor([[[1.0, 0.0], [2.0, 0.0]]])  # t1 -> E0 (dropped); now E1 takes t0
+    assert leaks(layer, x, x_changed, t=0)
+    assert not leaks(identity_router_layer("top1", group, 1.0), x, x_changed, t=0)
+
+
+# ----------------------------------------------------------------------------- tiny groups
+def test_single_token_group_every_expert_takes_it():
+    """group="position" at batch size 1: n=1, so k=1 and every expert processes the one token."""
+    layer = make_layer("expert_choice", "position", e=4, c=2.0).double()
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    probs = ecmoe.router_probs(x, layer.w_router)[0]  # [T, e]
+    expected = sum(probs[:, i, None] * torch.nn.functional.gelu(x[0] @ layer.w_in[i], approximate="tanh")
+                   @ layer.w_out[i] for i in range(4))
+    out = layer(x)
+    torch.testing.assert_close(out.y[0], expected)
+    assert out.stats.experts_per_token.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]  # 4 experts each
+
+
+def test_group_smaller_than_e_over_c_gets_k_one():
+    """A group of n < e/c tokens gets k = 1 (not 0): each expert takes its single best token."""
+    assert ecmoe.expert_capacity(3, 16, 2.0) == 1
+    layer = make_layer("expert_choice", "position", e=16, c=2.0)
+    index = layer.route(ecmoe.router_probs(layer.group_tokens(torch.randn(3, 2, 8)), layer.w_router))[1]
+    assert index.shape == (2, 16, 1) and bool((index >= 0).all())
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_layer_inputs_raise_clear_errors():
+    """ValueError naming the argument for integer x, wrong last dim, non-3-D x, NaN x."""
+    layer = make_layer("expert_choice", "batch")
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        layer(torch.ones(2, 3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="d_model=8"):
+        layer(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="3-D"):
+        layer(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="finite"):
+        layer(torch.full((2, 3, 8), float("nan")))
+
+
+def test_bad_constructor_arguments_raise():
+    """Unknown router/group, bad capacity_factor and infeasible caps are ValueErrors."""
+    with pytest.raises(ValueError, match="router must be one of"):
+        ecmoe.MoE(8, 16, 4, router="top3")
+    with pytest.raises(ValueError, match="group must be one of"):
+        ecmoe.MoE(8, 16, 4, group="token")
+    for c in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="capacity_factor"):
+            ecmoe.MoE(8, 16, 4, capacity_factor=c)
+    with pytest.raises(ValueError, match="capacity_factor must be <= max_experts_per_token"):
+        ecmoe.MoE(8, 16, 4, router="capped_expert_choice", capacity_factor=3.0, max_experts_per_token=2)
+    with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):  # 1 token, 4 experts
+        make_layer("capped_expert_choice", "position", e=4, c=1.0)(torch.randn(1, 3, 8))
+
+
+def test_bad_function_arguments_raise():
+    """Functions reject out-of-range k, top_k, capacity, caps, token indices, NaN and non-probabilities."""
+    probs = softmax_probs(5, 3)
+    for call, match in [
+            (lambda: ecmoe.expert_choice(probs, 0), r"k must be an integer in \[1, 5\]"),
+            (lambda: ecmoe.expert_choice(probs, 6), r"k must be an integer in \[1, 5\]"),
+            (lambda: ecmoe.expert_choice(probs * 2, 2), r"probs must lie in \[0, 1\]"),
+            (lambda: ecmoe.expert_choice(probs[0], 1), "at least 2 dims"),
+            (lambda: ecmoe.expert_choice(probs.clone().fill_(float("nan")), 1), "finite"),
+            (lambda: ecmoe.token_choice(probs, 4, 2), r"top_k must be an integer in \[1, 3\]"),
+            (lambda: ecmoe.token_choice(probs, 1, 0), "capacity must be an integer"),
+            (lambda: ecmoe.capped_expert_choice(probs, 4, 2), "infeasible"),  # 2*5 < 4*3
+            (lambda: ecmoe.capped_expert_choice(probs, 2, 0), "max_experts_per_token must be"),
+            (lambda: ecmoe.expert_capacity(0, 4, 1.0), "n_tokens"),
+            (lambda: ecmoe.router_z_loss(torch.tensor([[float("inf"), 0.0]])), "logits must be finite"),
+            (lambda: ecmoe.moe_ffn(torch.randn(5, 2), torch.ones(3, 1), torch.full((3, 1), 5),
+                                   torch.randn(3, 2, 4), torch.randn(3, 4, 2)), r"token_index must lie in \[-1, 5\)"),
+            (lambda: ecmoe.moe_ffn(torch.randn(5, 2), torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long),
+                                   torch.randn(3, 3, 4), torch.randn(3, 4, 3)), "w_in must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+# ----------------------------------------------------------------------------- GPU (CuPy reference)
+@pytest.mark.gpu
+@requires_cuda
+@requires_cupy
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cuda_layer_matches_cupy_reference(router):
+    """On CUDA, the layer equals the reference run on CuPy arrays (float64, per group)."""
+    import cupy
+    layer = make_layer(router, "sequence", d=16, f=32, e=4, c=1.0, max_iter=200).double().cuda()
+    x = torch.randn(3, 16, 16, dtype=torch.float64, device="cuda")
+    out = layer(x)
+    w = {name: cupy.asarray(p.detach().cpu().numpy()) for name, p in layer.named_parameters()}
+    for b in range(3):
+        x_g = cupy.asarray(x[b].cpu().numpy())
+        probs = ref.router_probs(x_g, w["w_router"])
+        k = ref.expert_capacity(16, 4, 1.0)
+        if router == "expert_choice":
+            gates, index = ref.expert_choice(probs, k)
+        elif router == "capped_expert_choice":
+            gates, index = ref.capped_expert_choice(probs, k, 2, max_iter=200)
+        else:
+            gates, index = ref.token_choice(probs, 1 if router == "top1" else 2, k)
+        assert isinstance(gates, cupy.ndarray)
+        y = ref.moe_ffn(x_g, gates, index, w["w_in"], w["w_out"])
+        np.testing.assert_allclose(out.y[b].detach().cpu().numpy(), cupy.asnumpy(y), atol=1e-9)
+        module_index = layer.route(ecmoe.router_probs(x[b:b + 1], layer.w_router))[1][0]
+        assert module_index.cpu().tolist() == cupy.asnumpy(index).tolist()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_matches_cpu_and_bf16_autocast_runs():
+    """The same layer on CUDA matches CPU (fp32), and runs under CUDA bf16 autocast."""
+    layer = make_layer("expert_choice", "batch", d=16, f=32, e=4)
+    x = torch.randn(4, 8, 16)
+    y_cpu = layer(x).y
+    layer = layer.cuda()
+    torch.testing.assert_close(layer(x.cuda()).y.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x.cuda()).y
+    torch.testing.assert_close(y.float().cpu(), y_cpu, rtol=0, atol=0.03 * float(y_cpu.abs().max()))
+
+
+# ----------------------------------------------------------------------------- benchmark smoke
+def test_bench_quick_runs(tmp_path):
+    """`python bench.py --quick --json PATH` runs and writes timings for every method."""
+    path = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(path)], check=True,
+                   capture_output=True, text=True, timeout=120)
+    result = json.loads(path.read_text())
+    assert {"hardware", "torch", "threads", "rows"} <= set(result)
+    assert result["rows"] and all("dense_ms" in row and "ec_ms" in row for row in result["rows"])
