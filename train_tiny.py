@@ -990,7 +990,7 @@ def main(argv=None):
         print(f"stopped at step {cfg.stop_after} (--stop-after); continue with --resume")
         return None
     summary = summarise(cfg, results, routers, seeds)
-    res = dict(command="python train_tiny.py " + shlex.join(argv), config=dataclasses.asdict(cfg),
+    res = dict(command=shlex.join(["python", "train_tiny.py", *argv]), config=dataclasses.asdict(cfg),
                routers=routers, seeds=seeds, corpus=corpus["info"], summary=summary,
                verdict=verdict(summary, seeds), paper_fig3=PAPER_FIG3,
                hardware=hardware(cfg), wall_time_s=time.time() - t_start,  # this invocation

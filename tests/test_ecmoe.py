@@ -261,11 +261,14 @@ def test_moe_ffn_empty_slots_add_nothing():
 @pytest.mark.parametrize("B,T,seed", [(4, 6, 0), (2, 8, 1), (1, 5, 2)])
 def test_layer_matches_reference_float64(router, group, B, T, seed):
     """MoE forward == reference per group (outputs, (expert, token, gate) sets, losses), float64."""
-    if router == "capped_expert_choice" and group == "position" and B == 1:
-        pytest.skip("infeasible: 1 token, k=1, e=4 experts, cap 2 (tested as a ValueError)")
     c = 1.0 if router == "capped_expert_choice" else 2.0  # c=1 < b=2 is feasible for every group
     layer = make_layer(router, group, c=c, seed=seed, max_iter=200).double()
     x = torch.randn(B, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    if router == "capped_expert_choice" and group == "position" and B == 1:
+        # groups of 1 token: k=1 for each of e=4 experts, but the cap allows only b*n = 2 slots
+        with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):
+            layer(x)
+        return
     out = layer(x)
     y, aux, z, routes = reference_layer(layer, x)
     np.testing.assert_allclose(out.y.detach().numpy(), y, atol=1e-10)
