@@ -797,6 +797,17 @@ BAD_CALLS = {
                                                     W_OUT), "token_index"),
     "moe_ffn token_index = -2": (lambda: ref.moe_ffn(X, G2, np.where(I2 == I2[0, 0], -2, I2), W_IN,
                                                      W_OUT), "token_index"),
+    "router_probs w_router nan": (lambda: ref.router_probs(X, with_nan(W_ROUTER)), "w_router"),
+    "moe_ffn gates nan": (lambda: ref.moe_ffn(X, with_nan(G2), I2, W_IN, W_OUT), "gates"),
+    "moe_ffn w_in inf": (lambda: ref.moe_ffn(X, G2, I2, with_nan(W_IN, np.inf), W_OUT), "w_in"),
+    "moe_ffn w_out nan": (lambda: ref.moe_ffn(X, G2, I2, W_IN, with_nan(W_OUT)), "w_out"),
+    "moe_ffn token_index float": (lambda: ref.moe_ffn(X, G2, I2.astype(float), W_IN, W_OUT),
+                                  "token_index"),
+    # solver settings
+    "entropy_weight 0": (lambda: ref.solve_capped_lp(P, 2, 2, entropy_weight=0.0), "entropy_weight"),
+    "entropy_weight nan": (lambda: ref.capped_expert_choice(P, 2, 2, entropy_weight=float("nan")),
+                           "entropy_weight"),
+    "max_iter 0": (lambda: ref.solve_capped_lp(P, 2, 2, max_iter=0), "max_iter"),
 }
 
 
