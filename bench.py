@@ -16,6 +16,7 @@ Timings are interleaved round-robin (each repeat runs every method once) and we 
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -176,6 +177,15 @@ def check_targets(rows):
     return out
 
 
+def cpu_name():
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.platform()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -198,6 +208,7 @@ def main():
     except ImportError:
         notes.append("transformers not installed: HF SwitchTransformersSparseMLP skipped")
     rows = []
+    print(f"{cpu_name() if cfg.device == 'cpu' else torch.cuda.get_device_name(0)}, {os.cpu_count()} cores")
     print(f"device={cfg.device} threads={torch.get_num_threads()} torch={torch.__version__} fp32, "
           f"d={cfg.d_model} f={cfg.d_expert}, forward+backward, median of {cfg.repeats} interleaved repeats")
     header = f"{'n':>6} {'e':>3} {'c':>4} {'dense ms':>9} {'EC':>7} {'top1':>7} {'top2':>7} {'onehot':>8} {'onehot/EC':>9}"
@@ -220,9 +231,14 @@ def main():
     for text, ok in targets:
         print(f"target {'met ' if ok else 'MISSED'}: {text}")
     if args.json:
-        hardware = dict(machine=platform.machine(), processor=platform.processor() or platform.platform(),
-                        cpu_count=__import__("os").cpu_count(), python=platform.python_version(),
+        hardware = dict(machine=platform.machine(), processor=cpu_name(),
+                        cpu_count=os.cpu_count(), python=platform.python_version(),
                         cuda=torch.cuda.get_device_name(0) if cfg.device == "cuda" else None)
+        try:
+            import transformers
+            hardware["transformers"] = transformers.__version__
+        except ImportError:
+            pass
         with open(args.json, "w") as fh:
             json.dump(dict(hardware=hardware, torch=torch.__version__, threads=torch.get_num_threads(),
                            dtype="float32", config=asdict(cfg), rows=rows, notes=notes,

@@ -2,7 +2,7 @@
 
 Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022 (arXiv:2202.09368).
 Every function here mirrors the NumPy reference `reference_numpy.py` (same name, same
-semantics, see SPEC.md) but accepts leading group dimensions, runs on any device, and is
+semantics; README "Decisions where the paper is silent") but accepts leading group dimensions, runs on any device, and is
 differentiable where it makes sense. `MoE` is the layer built from them.
 
 Equations (paper Sec. 3.2), per routing group of n tokens:
@@ -184,6 +184,15 @@ def _check_cap(probs, k, b):
     _check_feasible(n, e, k, b)
 
 
+def _check_solver_settings(entropy_weight, max_iter, tol):
+    if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, numbers.Real) \
+            or not math.isfinite(entropy_weight) or entropy_weight <= 0:
+        raise ValueError(f"entropy_weight must be a finite number > 0; got {entropy_weight!r}")
+    _check_int(max_iter, "max_iter", 1, math.inf)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0; got {tol!r}")
+
+
 def _check_feasible(n, e, k, b):
     if b * n < k * e:
         raise ValueError(f"max_experts_per_token={b} is infeasible: the {e} experts need k*e = {k * e} "
@@ -205,10 +214,7 @@ def solve_capped_lp(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTR
     b = max_experts_per_token
     if validate:
         _check_cap(probs, k, b)
-        if not (isinstance(entropy_weight, numbers.Real) and math.isfinite(entropy_weight)
-                and entropy_weight > 0):
-            raise ValueError(f"entropy_weight must be a finite number > 0; got {entropy_weight!r}")
-        _check_int(max_iter, "max_iter", 1, math.inf)
+        _check_solver_settings(entropy_weight, max_iter, tol)
     *lead, n, e = probs.shape
     log_k, log_b = math.log(k), math.log(b)
     with torch.no_grad(), torch.autocast(device_type=probs.device.type, enabled=False):
@@ -293,10 +299,12 @@ def capped_expert_choice(probs, k, max_experts_per_token, entropy_weight=DEFAULT
     (ties: higher prob, lower expert, lower token) are accepted while the expert holds < k
     and the token < b. Slot order = acceptance order. ValueError if b*n < k*e (infeasible)."""
     b = max_experts_per_token
+    *lead, n, e = probs.shape
     if validate:
         _check_cap(probs, k, b)
-    *lead, n, e = probs.shape
-    _check_feasible(n, e, k, b)  # always, also for the layer (validate=False): tiny groups hit it
+        _check_solver_settings(entropy_weight, max_iter, tol)
+    else:  # the layer skips validation, but tiny groups can still make the cap infeasible
+        _check_feasible(n, e, k, b)
     A = solve_capped_lp(probs, k, b, entropy_weight, max_iter, tol, validate=False).assignment
     S_T = probs.transpose(-1, -2)  # [..., e, n]
     held, rank = _greedy_b_matching(A.detach().reshape(-1, e, n), S_T.detach().reshape(-1, e, n), k, b)
@@ -427,6 +435,9 @@ class MoE(nn.Module):
             raise ValueError(f"group must be one of {GROUPS}; got {group!r}")
         expert_capacity(1, n_experts, capacity_factor)  # validates capacity_factor
         _check_int(max_experts_per_token, "max_experts_per_token", 1, math.inf)
+        if router == "top2" and n_experts < 2:
+            raise ValueError(f"n_experts must be >= 2 for router='top2'; got {n_experts}")
+        _check_solver_settings(entropy_weight, max_iter, tol)
         if router == "capped_expert_choice" and capacity_factor > max_experts_per_token:
             raise ValueError(f"capacity_factor must be <= max_experts_per_token={max_experts_per_token} "
                              f"for capped_expert_choice (else infeasible); got {capacity_factor}")

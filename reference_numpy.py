@@ -5,8 +5,8 @@ Sec. 3.2 (expert choice, Eq. 1-4), Sec. 3.3 (the capped variant EC-CAP), and the
 baselines it is compared with: Switch top-1 (Fedus et al. 2021) and GShard top-2 (Lepikhin et
 al. 2020). `ecmoe.py` is the fast PyTorch version; `tests/` prove the two agree.
 
-Every function takes ONE routing group as 2-D arrays and stands on its own, so it can be
-copied. Arrays may be NumPy or CuPy: the array module is taken from the input, so the same
+Every function takes ONE routing group as 2-D arrays and needs only the small helpers at the
+top of this file, so it can be copied (EC-CAP: copy its whole section). Arrays may be NumPy or CuPy: the array module is taken from the input, so the same
 code checks a GPU run (CuPy is imported only if a CuPy array is passed in).
 
 Shape legend (the paper's symbols):
@@ -318,6 +318,9 @@ def solve_capped_lp(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTR
             and entropy_weight > 0):
         raise ValueError(f"entropy_weight must be a finite number > 0, got {entropy_weight!r}")
     _check_int("max_iter", max_iter, 1, math.inf)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not math.isfinite(tol) \
+            or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     b = max_experts_per_token
 
     log_A = probs.T / entropy_weight                     # log K, [e, n]

@@ -51,7 +51,7 @@ then inverse-square-root decay (the paper's Adafactor schedule shape, Sec. 3).
 References: Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022
 (arXiv:2202.09368); Raffel et al. 2020 (T5, span corruption, relative position bias);
 Xue et al. 2022 (ByT5); Fedus et al. 2022 (Switch); Lepikhin et al. 2021 (GShard);
-Zoph et al. 2022 (ST-MoE z-loss). Design decisions: SPEC.md and README.
+Zoph et al. 2022 (ST-MoE z-loss). Design decisions: README ("Decisions where the paper is silent").
 
 Shape legend: B batch, S encoder length, T decoder length, d model width, f d_ff, V vocab, H heads.
 """
@@ -100,7 +100,7 @@ class Config:
                      "model/step defaults below with GPU_PRESET unless a flag is given")
     routers: str = _f("top1,top2,ec1,ec2,dense", "comma list from " + ",".join(ALL_ROUTERS)
                       + ". cap2/cap3 are not in the CPU default: their LP solver makes a CPU step "
-                      "~10x slower, which does not fit ~10 min on 2 cores; the GPU preset runs all")
+                      "2-3.5x slower, which does not fit ~10 min on 2 cores; the GPU preset runs all")
     seeds: str = _f("0,1,2", "comma list of integer seeds (init + data order; paired across "
                     "routers)")
     steps: int = _f(320, "training steps per run")
@@ -119,9 +119,9 @@ class Config:
     lr: float = _f(3e-3, "peak learning rate")
     warmup: int = _f(30, "linear warmup steps, then inverse-sqrt decay")
     cap_iters: int = _f(100, "Dykstra sweeps of the EC-CAP solver per forward (cap2/cap3). "
-                        "Fewer than ecmoe's 1000: at lambda=1e-2, 100 sweeps are within 0.2% of "
-                        "the exact LP (assets/capped_solver_report.txt) and the rounding keeps "
-                        "the cap exact at any sweep count")
+                        "Fewer than ecmoe's 1000: at lambda=1e-2, 100 sweeps round to within 0.63% "
+                        "of the exact LP, as 1000 do (assets/capped_solver_report.txt), and the "
+                        "rounding keeps the cap exact at any sweep count")
     aux_loss_weight: float = _f(0.01, "Switch load-balancing loss weight (token choice only)")
     z_loss_weight: float = _f(1e-3, "router z-loss weight (all MoE routers)")
     decoder_router: str = _f("same", "same | token (flaxformer: top-2 token choice in decoder)")

@@ -293,10 +293,15 @@ def test_bfloat16_autocast_router_fp32_experts_bf16(router):
     """Under bf16 autocast the router stays fp32 (same routing) and the experts run in bf16 (y within 3%)."""
     layer = make_layer(router, "batch", d=16, f=32, c=1.0)
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(6))
+    seen = []  # what forward hands to the router: probs dtype, gates, token_index
+    route = layer.route
+    layer.route = lambda probs: seen.append((probs.dtype, *route(probs))) or seen[-1][1:]
     reference = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
-        assert module_routes(layer, x) == module_routes(layer, x.float())
+    (dtype_plain, gates_plain, index_plain), (dtype_autocast, gates_autocast, index_autocast) = seen
+    assert dtype_plain == dtype_autocast == torch.float32
+    assert torch.equal(index_autocast, index_plain) and torch.equal(gates_autocast, gates_plain)
     assert not torch.equal(out.y, reference.y)  # the expert matmuls really ran in bf16
     scale = reference.y.abs().max().item()
     torch.testing.assert_close(out.y.float(), reference.y, rtol=0, atol=0.03 * scale)
@@ -446,6 +451,12 @@ def test_bad_constructor_arguments_raise():
         ecmoe.MoE(8, 16, 4, router="capped_expert_choice", capacity_factor=3.0, max_experts_per_token=2)
     with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):  # 1 token, 4 experts
         make_layer("capped_expert_choice", "position", e=4, c=1.0)(torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="n_experts must be >= 2 for router='top2'"):
+        ecmoe.MoE(8, 16, 1, router="top2")
+    for kw, match in [(dict(entropy_weight=0.0), "entropy_weight"), (dict(entropy_weight=-1e-2), "entropy_weight"),
+                      (dict(max_iter=0), "max_iter"), (dict(tol=float("nan")), "tol"), (dict(tol=-1.0), "tol")]:
+        with pytest.raises(ValueError, match=match):
+            ecmoe.MoE(8, 16, 4, router="capped_expert_choice", **kw)
 
 
 def test_bad_function_arguments_raise():
@@ -461,6 +472,8 @@ def test_bad_function_arguments_raise():
             (lambda: ecmoe.token_choice(probs, 1, 0), "capacity must be an integer"),
             (lambda: ecmoe.capped_expert_choice(probs, 4, 2), "infeasible"),  # 2*5 < 4*3
             (lambda: ecmoe.capped_expert_choice(probs, 2, 0), "max_experts_per_token must be"),
+            (lambda: ecmoe.capped_expert_choice(probs, 1, 2, entropy_weight=0.0), "entropy_weight"),
+            (lambda: ecmoe.solve_capped_lp(probs, 1, 2, tol=float("nan")), "tol must be"),
             (lambda: ecmoe.expert_capacity(0, 4, 1.0), "n_tokens"),
             (lambda: ecmoe.router_z_loss(torch.tensor([[float("inf"), 0.0]])), "logits must be finite"),
             (lambda: ecmoe.moe_ffn(torch.randn(5, 2), torch.ones(3, 1), torch.full((3, 1), 5),

@@ -3,6 +3,9 @@ the same result, is deterministic, and rejects bad input with a message naming t
 import dataclasses
 import inspect
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,9 +40,13 @@ def tiny_cfg(**kw):
     return dataclasses.replace(tt.Config(), **{**tt.DRY_RUN, "device": "cpu", **kw})
 
 
-def test_import_has_no_side_effects():
-    """Importing the module defines things and runs nothing (main is not called)."""
-    assert callable(tt.main) and tt._WORKER == {}
+def test_import_has_no_side_effects(tmp_path):
+    """Importing the module in a fresh interpreter prints nothing and writes no file."""
+    root = os.path.dirname(os.path.abspath(tt.__file__))
+    done = subprocess.run([sys.executable, "-B", "-c", "import train_tiny"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_span_corruption_round_trip():
