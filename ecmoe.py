@@ -171,6 +171,8 @@ def token_choice(probs, top_k, capacity, validate=True):
 class CappedLPSolution(NamedTuple):
     assignment: torch.Tensor  # A [..., e, n]
     n_iter: torch.Tensor  # [...] sweeps each group ran
+    # residual histories run to the slowest group's sweep count; a group that stopped early
+    # repeats its last (frozen) values after its own n_iter
     row_residual: torch.Tensor  # [..., sweeps] max_i |sum_j A[i,j] - k|
     col_residual: torch.Tensor  # [..., sweeps] max_j max(sum_i A[i,j] - b, 0)
     entry_residual: torch.Tensor  # [..., sweeps] max_ij max(A[i,j] - 1, 0)
