@@ -42,7 +42,7 @@ def _array_module(*arrays):
     return np
 
 
-def _check_matrix(name, a, xp, rows=None, cols=None):
+def _check_matrix(name, a, rows=None, cols=None):
     if getattr(a, "ndim", None) != 2:
         raise ValueError(f"{name} must be a 2-D array, got shape {getattr(a, 'shape', None)}")
     for axis, want in ((0, rows), (1, cols)):
@@ -56,7 +56,7 @@ def _check_finite(name, a, xp):
 
 
 def _check_probs(probs, xp):
-    _check_matrix("probs", probs, xp)
+    _check_matrix("probs", probs)
     _check_finite("probs", probs, xp)
     if probs.shape[0] < 1 or probs.shape[1] < 1:
         raise ValueError(f"probs must have at least one token and one expert, got {probs.shape}")
@@ -86,8 +86,8 @@ def router_probs(x, w_router):
     x [n, d], w_router [d, e] -> probs [n, e]
     """
     xp = _array_module(x, w_router)
-    _check_matrix("x", x, xp)
-    _check_matrix("w_router", w_router, xp, rows=x.shape[1])
+    _check_matrix("x", x)
+    _check_matrix("w_router", w_router, rows=x.shape[1])
     _check_finite("x", x, xp)
     _check_finite("w_router", w_router, xp)
     logits = x @ w_router                                    # [n, e]
@@ -148,11 +148,11 @@ def moe_ffn(x, gates, token_index, w_in, w_out):
     same thing without the [e, s, n] tensor. A token no expert chose gets y[t] = 0.
     """
     xp = _array_module(x, gates, token_index, w_in, w_out)
-    _check_matrix("x", x, xp)
+    _check_matrix("x", x)
     n, d = x.shape
-    _check_matrix("gates", gates, xp)
+    _check_matrix("gates", gates)
     e, s = gates.shape
-    _check_matrix("token_index", token_index, xp, rows=e, cols=s)
+    _check_matrix("token_index", token_index, rows=e, cols=s)
     if getattr(w_in, "ndim", None) != 3 or w_in.shape[:2] != (e, d):
         raise ValueError(f"w_in must have shape [e={e}, d={d}, f], got {getattr(w_in, 'shape', None)}")
     f = w_in.shape[2]
@@ -252,7 +252,7 @@ def router_z_loss(logits):
     logits [n, e] -> float
     """
     xp = _array_module(logits)
-    _check_matrix("logits", logits, xp)
+    _check_matrix("logits", logits)
     _check_finite("logits", logits, xp)
     m = logits.max(axis=1)
     lse = m + xp.log(xp.exp(logits - m[:, None]).sum(axis=1))       # [n]

@@ -671,15 +671,14 @@ def run_one(cfg, router, seed, corpus, report=print):
             elif step % 10 == 0:
                 report(dict(router=router, seed=seed, step=step + 1, train=log["train_loss"][-1]))
         n_params = sum(p.numel() for p in model.parameters())
-        steps_done = cfg.steps
         tokens = cfg.batch_size * (span_counts(cfg)[2] + span_counts(cfg)[3])
         S = torch.tensor(log["stats_sum"], dtype=torch.float64) / max(log["stat_steps"], 1)
-        result = dict(router=router, seed=seed, steps=steps_done, n_params=n_params,
+        result = dict(router=router, seed=seed, steps=cfg.steps, n_params=n_params,
                       train_loss=log["train_loss"], val_step=log["val_step"],
                       val_loss=log["val_loss"], val_time=log["val_time"],
                       final_val=log["val_loss"][-1], train_time=log["train_time"],
-                      s_per_step=log["train_time"] / steps_done,
-                      tokens_per_s=tokens * steps_done / log["train_time"],
+                      s_per_step=log["train_time"] / cfg.steps,
+                      tokens_per_s=tokens * cfg.steps / log["train_time"],
                       moe_layers=model.moe_names,
                       stats={n: _stats_dict(S[i]) for i, n in enumerate(model.moe_names)},
                       stats_over_training={n: [_stats_dict(w[i]) for w in log["stats_window"]]
