@@ -33,16 +33,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ("expert_choice", "capped_expert_choice", "top1", "top2")
+ROUTERS = ("expert_choice", "capped_expert_choice", "top1", "top2", "top2_dropless", "top2_gshard")
+# token-choice routers -> experts each token picks (top_k)
+TOKEN_CHOICE_TOP_K = {"top1": 1, "top2": 2, "top2_dropless": 2, "top2_gshard": 2}
 GROUPS = ("batch", "sequence", "position")
 # capped LP solver defaults, the same as reference_numpy's (a test keeps them in sync)
 DEFAULT_ENTROPY_WEIGHT = 1e-2  # lambda; the paper's 1e-3 does not converge in 100 sweeps
 DEFAULT_MAX_ITER = 1000  # Dykstra sweeps at most
-DEFAULT_TOL = 1e-5  # stop when constraints hold and A stops moving, to this tolerance
+DEFAULT_TOL = 1e-5  # stop when constraints hold and A and the corrections stop moving
+# the solver tests its stopping rule after every 10th sweep only: one host sync per 10 sweeps
+# on a GPU; the reference uses the same period, so both run exactly the same sweeps
+CONVERGENCE_CHECK_EVERY = 10
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_tensor(value, name, min_dim, floating=True):
+def _check_tensor(value, name, min_dim, floating=True, check_values=True):
+    """Type, dtype and shape checks (free); with check_values also finiteness (a host sync on GPU)."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
     if floating and not value.is_floating_point():
@@ -50,7 +56,7 @@ def _check_tensor(value, name, min_dim, floating=True):
     if value.dim() < min_dim or 0 in value.shape:
         raise ValueError(f"{name} must be a non-empty tensor with at least {min_dim} dims; "
                          f"got shape {tuple(value.shape)}")
-    if floating and not bool(torch.isfinite(value).all()):
+    if check_values and floating and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
 
 
@@ -125,23 +131,35 @@ def expert_choice(probs, k, validate=True):
     above, tied = scores > kth_best, scores == kth_best  # [..., e, n]
     room = k - above.sum(-1, keepdim=True)  # how many tied tokens still fit
     chosen = above | (tied & (tied.cumsum(-1) <= room))  # exactly k per expert
-    token_index = chosen.nonzero()[:, -1].view(*S_T.shape[:-1], k)  # ascending token order
+    # the chosen tokens in ascending token order, with static shapes (no nonzero(): no host
+    # sync): chosen token j goes to slot (number of chosen tokens before j), the others to a
+    # spare slot k that is cut off. Costs ~2 ms more than nonzero() at n=8192, e=32, k=512 on CPU.
+    slot = torch.where(chosen, chosen.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1, k).long()
+    token = torch.arange(scores.shape[-1], device=scores.device).expand_as(slot)
+    token_index = torch.zeros(*slot.shape[:-1], k + 1, dtype=torch.long, device=scores.device)
+    token_index = token_index.scatter_(-1, slot, token)[..., :k]  # [..., e, k] ascending token order
     order = torch.sort(torch.gather(scores, -1, token_index), dim=-1, descending=True, stable=True).indices
     token_index = torch.gather(token_index, -1, order)  # [..., e, k] best first, ties lower index
     gates = torch.gather(S_T, -1, token_index)  # [..., e, k]
     return gates, token_index
 
 
-def token_choice(probs, top_k, capacity, validate=True):
+def token_choice(probs, top_k, capacity, second_uniform=None, second_threshold=0.2, validate=True):
     """Token choice (Switch top-1 / GShard top-2) with first-come-first-served capacity.
 
     probs [..., n, e] -> gates, token_index [..., e, capacity]; empty slots: index -1, gate 0.
     Claims: all 1st choices in token order, then all 2nd choices, ...; a claim on a full
-    expert is dropped. Gates: raw prob for top_k == 1, else the top_k probs renormalised."""
+    expert is dropped. Gates: raw prob for top_k == 1, else the top_k probs renormalised.
+    capacity = n is dropless top-2 (nothing can be dropped).
+    second_uniform [..., n] in [0, 1) (top_k == 2 only): GShard's random second expert; token t
+    claims its second expert only if u[t] < g2[t] / second_threshold (g2 renormalised), and a
+    skipped second choice claims no capacity. None keeps every second choice."""
     if validate:
         _check_probs(probs)
         _check_int(top_k, "top_k", 1, probs.shape[-1])
         _check_int(capacity, "capacity", 1, math.inf)
+    if validate or second_uniform is not None:
+        _check_second_choice(second_uniform, second_threshold, top_k, probs, check_values=validate)
     *lead, n, e = probs.shape
     probs = probs.reshape(-1, n, e)  # [G, n, e]
     G = probs.shape[0]
@@ -156,8 +174,15 @@ def token_choice(probs, top_k, capacity, validate=True):
     claim_token = torch.arange(n, device=probs.device).repeat(top_k).expand(G, -1)
     # position of each claim in its expert's queue (earlier claims on the same expert)
     one_hot = F.one_hot(claim_expert, e)  # [G, top_k*n, e], O(n e) not O(n e k)
-    position = (one_hot.cumsum(1) * one_hot).sum(-1) - 1  # [G, top_k*n]
-    accepted = position < capacity
+    if second_uniform is None:
+        position = (one_hot.cumsum(1) * one_hot).sum(-1) - 1  # [G, top_k*n]
+        accepted = position < capacity
+    else:  # GShard: the second expert only with probability min(1, g2 / threshold)
+        keep_second = second_uniform.reshape(G, n) < choice_prob[..., 1].detach() / second_threshold
+        claim_made = torch.cat([torch.ones_like(keep_second), keep_second], dim=1)  # [G, 2n]
+        one_hot = one_hot * claim_made.unsqueeze(-1)  # skipped claims take no place in a queue
+        position = (one_hot.cumsum(1) * one_hot).sum(-1) - 1  # -1 for skipped claims
+        accepted = claim_made & (position < capacity)
     # accepted claims go to slot expert*capacity + position; dropped ones to a spare slot
     slot = torch.where(accepted, claim_expert * capacity + position, e * capacity)
     gates = probs.new_zeros(G, e * capacity + 1).scatter(1, slot, claim_gate)
@@ -166,6 +191,27 @@ def token_choice(probs, top_k, capacity, validate=True):
     gates = gates[:, :-1].reshape(*lead, e, capacity)  # drop the spare slot
     token_index = token_index[:, :-1].reshape(*lead, e, capacity)
     return gates, token_index
+
+
+def _check_second_threshold(second_threshold):
+    if isinstance(second_threshold, bool) or not isinstance(second_threshold, numbers.Real) \
+            or not math.isfinite(second_threshold) or second_threshold <= 0:
+        raise ValueError(f"second_threshold must be a finite number > 0; got {second_threshold!r}")
+
+
+def _check_second_choice(second_uniform, second_threshold, top_k, probs, check_values=True):
+    _check_second_threshold(second_threshold)
+    if second_uniform is None:
+        return
+    if top_k != 2:
+        raise ValueError(f"second_uniform needs top_k=2 (GShard's random second expert); got top_k={top_k}")
+    if not isinstance(second_uniform, torch.Tensor) or not second_uniform.is_floating_point() \
+            or second_uniform.shape != probs.shape[:-1]:
+        raise ValueError(f"second_uniform must be a floating-point tensor of shape [..., n] = "
+                         f"{tuple(probs.shape[:-1])}; got "
+                         f"{tuple(second_uniform.shape) if isinstance(second_uniform, torch.Tensor) else type(second_uniform).__name__}")
+    if check_values and not bool(((second_uniform >= 0) & (second_uniform < 1)).all()):
+        raise ValueError("second_uniform must lie in [0, 1) (uniform draws)")
 
 
 class CappedLPSolution(NamedTuple):
@@ -209,8 +255,11 @@ def solve_capped_lp(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTR
     the KL projection of K = exp(S^T / lambda) onto R n C n B. Sweep order C, B, R with one
     correction per inequality set (the affine set R needs none), exactly as the reference.
     probs [..., n, e] -> CappedLPSolution (A [..., e, n], residual histories [..., sweeps]).
-    A group stops once its residuals and its largest change of A in a sweep are <= tol; its
-    values then stay frozen, so every group runs exactly the sweeps it would run alone (and
+    Stopping rule (the reference's): after every CONVERGENCE_CHECK_EVERY-th sweep, a group
+    stops once its residuals and the largest change over that sweep of A and of both Dykstra
+    corrections are <= tol (A alone can stand still while the corrections move, far from the
+    optimum); n_iter = the sweeps it ran (a multiple of the period, or max_iter). Its values
+    then stay frozen, so every group runs exactly the sweeps it would run alone (and
     one group's convergence never depends on another group: causality for group="position").
     Routing only: not differentiable. Float64 for float64 probs, else float32."""
     b = max_experts_per_token
@@ -228,7 +277,8 @@ def solve_capped_lp(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTR
         active = torch.ones(G, 1, 1, dtype=torch.bool, device=probs.device)
         n_iter = torch.zeros(G, dtype=torch.long, device=probs.device)
         history = []
-        for _ in range(max_iter):
+        for sweep in range(1, max_iter + 1):
+            corr_col_before, corr_box_before = corr_col, corr_box
             # C: scale each token's column by min(1, b / colsum)
             y = log_A + corr_col
             new_log_A = y - (torch.logsumexp(y, dim=1, keepdim=True) - log_b).clamp(min=0)
@@ -247,16 +297,20 @@ def solve_capped_lp(probs, k, max_experts_per_token, entropy_weight=DEFAULT_ENTR
             residual = torch.stack([
                 (A.sum(2) - k).abs().amax(1),
                 (A.sum(1) - b).clamp(min=0).amax(1),
-                (A - 1).clamp(min=0).flatten(1).amax(1),
-                # feasible is not enough: also wait until a sweep no longer moves A
-                torch.full_like(A[:, 0, 0], math.inf) if A_before is None
-                else (A - A_before).abs().flatten(1).amax(1)], dim=1)  # [G, 4]
-            history.append(residual[:, :3])
+                (A - 1).clamp(min=0).flatten(1).amax(1)], dim=1)  # [G, 3]
+            history.append(residual)
             n_iter += active.view(G).long()
-            active = active & (residual.amax(1) > tol).view(G, 1, 1)
-            if not bool(active.any()):
-                break
-        residuals = torch.stack(history, dim=-1).reshape(*lead, 3, len(history))
+            if sweep % CONVERGENCE_CHECK_EVERY == 0:  # the same sweeps as the reference
+                # feasible is not enough, nor is a still A: the corrections must be still too
+                change = torch.stack([
+                    (A - A_before).abs().flatten(1).amax(1),
+                    (corr_col - corr_col_before).abs().flatten(1).amax(1),
+                    (corr_box - corr_box_before).abs().flatten(1).amax(1)], dim=1)  # [G, 3]
+                done = torch.cat([residual, change], dim=1).amax(1) <= tol  # [G]
+                active = active & ~done.view(G, 1, 1)
+                if not bool(active.any()):  # the one host sync, every CONVERGENCE_CHECK_EVERY sweeps
+                    break
+        residuals = torch.stack(history, dim=-1).reshape(*lead, 3, len(history))  # [..., 3, sweeps]
         return CappedLPSolution(A.reshape(*lead, e, n), n_iter.reshape(lead),
                                 residuals[..., 0, :], residuals[..., 1, :], residuals[..., 2, :])
 
@@ -299,7 +353,9 @@ def capped_expert_choice(probs, k, max_experts_per_token, entropy_weight=DEFAULT
     probs [..., n, e] -> gates [..., e, k] (raw probs), token_index [..., e, k] (-1 = empty).
     Solves the LP (solve_capped_lp), then rounds it greedily: pairs in order of decreasing A
     (ties: higher prob, lower expert, lower token) are accepted while the expert holds < k
-    and the token < b. Slot order = acceptance order. ValueError if b*n < k*e (infeasible)."""
+    and the token < b. Slot order = acceptance order. ValueError if b*n < k*e (infeasible).
+    The cap holds exactly; k is an upper bound: at c = b greedy rounding can leave a few
+    slots empty (-1) although a full assignment exists (see the reference's docstring)."""
     b = max_experts_per_token
     *lead, n, e = probs.shape
     if validate:
@@ -412,21 +468,44 @@ class MoE(nn.Module):
     - d_ff: hidden width f of each expert (a tanh-GELU FFN without biases).
     - n_experts: number of experts e.
     - router: "expert_choice" (paper Sec. 3.2), "capped_expert_choice" (EC-CAP, Sec. 3.3),
-      "top1" (Switch) or "top2" (GShard, gates renormalised).
+      "top1" (Switch), "top2" (GShard's gates renormalised, every second choice claims a slot),
+      "top2_dropless" (top-2 with no capacity limit: nothing is ever dropped, as OLMoE, Mixtral
+      and MegaBlocks train) or "top2_gshard" (GShard / Mesh-TensorFlow's default: the second
+      expert is used only with probability min(1, g2 / second_threshold), see below).
     - capacity_factor: c; every group of n tokens gets k = expert_capacity(n, e, c) slots per
       expert (ceil(n c / e) clipped to [1, n]); token choice uses the same k as its capacity.
+      "top2_dropless" ignores it (accepted, so one config serves every router): its slots per
+      expert are the largest demand of any expert in the batch.
     - group: which tokens compete in one routing group: "batch" (all B*T, position-major
       order t*B + b), "sequence" (each row), "position" (tokens sharing a position; causal).
       A group of 1 token (group "position", batch size 1) gets k = 1: every expert takes it.
     - max_experts_per_token: b, the cap for "capped_expert_choice" (needs c <= b).
     - entropy_weight, max_iter, tol: the capped LP solver's lambda, iteration limit, tolerance.
+    - check_inputs: value checks on x and the router probabilities (x finite, probs not NaN).
+      They need the values on the host, i.e. a host-device sync per forward on a GPU, so by
+      default (None) they run only when x is on the CPU and the forward is not being compiled
+      by torch.compile; True runs them everywhere (also on CUDA: a sync per forward; under
+      torch.compile a graph break), False never. Shape and dtype checks always run (free).
+    - second_threshold: "top2_gshard" only (default 0.2, Mesh-TF's moe_second_threshold_train):
+      token t dispatches to its second expert only if u[t] < g2[t] / second_threshold, with
+      u[t] ~ U[0, 1) drawn by torch.rand from torch's GLOBAL generator on x's device, one draw
+      per token per forward, always in float32 (so float32 and float64 layers make the same
+      decisions from one seed). Reproduce or pin a run with torch.manual_seed (or
+      torch.random.fork_rng around the call); no other router consumes random numbers.
     Parameters: w_router [d, e] (std 0.02), w_in [e, d, f] (std 1/sqrt(d)),
     w_out [e, f, d] (std 1/sqrt(f)); the layouts match reference_numpy, so weights copy over.
+
+    Sync-free forward: with check_inputs None or False, a CUDA forward for "expert_choice",
+    "top1", "top2" and "top2_gshard" never waits for the device (static shapes throughout,
+    routing stats stay tensors), and torch.compile(fullgraph=True) traces it without a graph
+    break. Exceptions: "top2_dropless" (its slot count is the largest demand: one sync) and
+    "capped_expert_choice" (the solver's early stop, one sync every CONVERGENCE_CHECK_EVERY
+    sweeps, and the greedy rounding's proposal rounds).
     """
 
     def __init__(self, d_model, d_ff, n_experts, router="expert_choice", capacity_factor=2.0,
                  group="batch", max_experts_per_token=2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-                 max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+                 max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, second_threshold=0.2, check_inputs=None):
         super().__init__()
         _check_int(d_model, "d_model", 1, math.inf)
         _check_int(d_ff, "d_ff", 1, math.inf)
@@ -437,8 +516,11 @@ class MoE(nn.Module):
             raise ValueError(f"group must be one of {GROUPS}; got {group!r}")
         expert_capacity(1, n_experts, capacity_factor)  # validates capacity_factor
         _check_int(max_experts_per_token, "max_experts_per_token", 1, math.inf)
-        if router == "top2" and n_experts < 2:
-            raise ValueError(f"n_experts must be >= 2 for router='top2'; got {n_experts}")
+        if TOKEN_CHOICE_TOP_K.get(router, 1) > n_experts:
+            raise ValueError(f"n_experts must be >= 2 for router={router!r}; got {n_experts}")
+        _check_second_threshold(second_threshold)
+        if check_inputs not in (None, True, False):
+            raise ValueError(f"check_inputs must be None (auto: on CPU), True or False; got {check_inputs!r}")
         _check_solver_settings(entropy_weight, max_iter, tol)
         if router == "capped_expert_choice" and capacity_factor > max_experts_per_token:
             raise ValueError(f"capacity_factor must be <= max_experts_per_token={max_experts_per_token} "
@@ -447,9 +529,25 @@ class MoE(nn.Module):
         self.router, self.capacity_factor, self.group = router, capacity_factor, group
         self.max_experts_per_token = max_experts_per_token
         self.entropy_weight, self.max_iter, self.tol = entropy_weight, max_iter, tol
+        self.second_threshold, self.check_inputs = second_threshold, check_inputs
         self.w_router = nn.Parameter(torch.randn(d_model, n_experts) * 0.02)
         self.w_in = nn.Parameter(torch.randn(n_experts, d_model, d_ff) / math.sqrt(d_model))
         self.w_out = nn.Parameter(torch.randn(n_experts, d_ff, d_model) / math.sqrt(d_ff))
+
+    def extra_repr(self):
+        """What print(moe) shows after the class name: sizes, router and its settings."""
+        parts = [f"d_model={self.d_model}", f"d_ff={self.d_ff}", f"n_experts={self.n_experts}",
+                 f"router={self.router!r}",
+                 "capacity_factor=ignored (dropless)" if self.router == "top2_dropless"
+                 else f"capacity_factor={self.capacity_factor}", f"group={self.group!r}"]
+        if self.router == "capped_expert_choice":
+            parts += [f"max_experts_per_token={self.max_experts_per_token}",
+                      f"entropy_weight={self.entropy_weight}", f"max_iter={self.max_iter}", f"tol={self.tol}"]
+        if self.router == "top2_gshard":
+            parts.append(f"second_threshold={self.second_threshold}")
+        if self.check_inputs is not None:
+            parts.append(f"check_inputs={self.check_inputs}")
+        return ", ".join(parts)
 
     def group_tokens(self, x):
         """x [B, T, d] -> [groups, n, d] in the documented token order."""
@@ -468,8 +566,10 @@ class MoE(nn.Module):
             return y
         return y.transpose(0, 1)  # [B, T, d]
 
-    def route(self, probs):
-        """probs [groups, n, e] -> gates, token_index [groups, e, k] with this layer's router."""
+    def route(self, probs, second_uniform=None):
+        """probs [groups, n, e] -> gates, token_index [groups, e, k] with this layer's router.
+
+        second_uniform [groups, n]: "top2_gshard"'s draws (None: drawn here with torch.rand)."""
         n, e = probs.shape[-2:]
         k = expert_capacity(n, e, self.capacity_factor)
         if self.router == "expert_choice":
@@ -477,7 +577,28 @@ class MoE(nn.Module):
         if self.router == "capped_expert_choice":
             return capped_expert_choice(probs, k, self.max_experts_per_token, self.entropy_weight,
                                         self.max_iter, self.tol, validate=False)
-        return token_choice(probs, 1 if self.router == "top1" else 2, k, validate=False)
+        if self.router == "top2_dropless":
+            # Slots per expert = the largest demand of any expert, so nothing is dropped. This
+            # is a data-dependent shape, i.e. ONE host-device sync per forward: the deliberate
+            # exception to sync-free routing. The static alternative, capacity = n, runs every
+            # expert FFN over n slots (e/2 times the real work): at n=2048, e=16, d=256, f=1024
+            # on CPU routing + experts took ~0.6 s that way against ~0.1-0.2 s with the largest
+            # demand (322 slots), so we pay the sync.
+            choice = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :2]
+            demand = F.one_hot(choice, e).sum((-3, -2))  # [groups, e] claims on each expert
+            capacity = max(int(demand.max()), 1)
+            return token_choice(probs, 2, capacity, validate=False)
+        if self.router == "top2_gshard":
+            if second_uniform is None:
+                second_uniform = torch.rand(probs.shape[:-1], device=probs.device)
+            return token_choice(probs, 2, k, second_uniform, self.second_threshold, validate=False)
+        return token_choice(probs, TOKEN_CHOICE_TOP_K[self.router], k, validate=False)
+
+    def value_checks_on(self, x):
+        """Whether this forward checks values (see check_inputs): auto = CPU and not compiling."""
+        if self.check_inputs is not None:
+            return self.check_inputs
+        return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def forward(self, x):
         """x [B, T, d] -> MoEOutput(y [B, T, d], aux_loss, z_loss, stats).
@@ -488,44 +609,63 @@ class MoE(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}; got {x.shape[-1]}")
-        _check_tensor(x, "x", 3)  # floating, non-empty, finite
+        check_values = self.value_checks_on(x)
+        _check_tensor(x, "x", 3, check_values=check_values)  # floating, non-empty (, finite)
         B, T, d = x.shape
         x_groups = self.group_tokens(x)  # [groups, n, d]
         logits = router_logits(x_groups, self.w_router, validate=False)  # [groups, n, e], fp32
         with torch.autocast(device_type=x.device.type, enabled=False):
             # S = Softmax(X W_g), float32 even under autocast
             probs = torch.softmax(logits, dim=-1)
-            if bool(torch.isnan(probs).any()):
+            if check_values and bool(torch.isnan(probs).any()):
                 raise ValueError("router probabilities are NaN (check w_router for NaN/inf)")
+            # top2_gshard: one U[0, 1) draw per token from torch's global generator
+            second_uniform = None
+            if self.router == "top2_gshard":
+                second_uniform = torch.rand(probs.shape[:-1], device=probs.device)
             # (Eq. 1-2) k = expert_capacity(n, e, c); G, I = TopK(S^T, k) (or capped / token choice)
-            gates, token_index = self.route(probs)  # [groups, e, k]
+            gates, token_index = self.route(probs, second_uniform)  # [groups, e, k]
         # (Eq. 3-4) gather, expert FFNs, gate-weighted scatter-add; one path for every router
         y = moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False)
-        if self.router in ("top1", "top2"):
+        if self.router in TOKEN_CHOICE_TOP_K:
             aux_loss = load_balancing_loss(probs, validate=False).mean()
         else:
             aux_loss = probs.new_zeros(())
         z_loss = router_z_loss(logits, validate=False).mean()
-        stats = self.routing_stats(probs.detach(), token_index)
+        stats = self.routing_stats(probs.detach(), token_index, second_uniform)
         return MoEOutput(self.ungroup_tokens(y, B, T), aux_loss, z_loss, stats)
 
     @torch.no_grad()
-    def routing_stats(self, probs, token_index):
-        """RoutingStats from probs [groups, n, e] and token_index [groups, e, k]."""
+    def routing_stats(self, probs, token_index, second_uniform=None):
+        """RoutingStats from probs [groups, n, e] and token_index [groups, e, k] (all tensors, no sync).
+
+        Token choice: demand = claims made on each expert (for "top2_gshard" the second choices
+        its random policy skipped, given second_uniform [groups, n], are not claims); dropped =
+        claims made but not accepted, as a fraction of claims made."""
         G, n, e = probs.shape
         k = token_index.shape[-1]
-        filled = token_index >= 0
-        flat = (token_index.clamp(min=0) + torch.arange(G, device=probs.device).view(G, 1, 1) * n)[filled]
-        per_token = torch.bincount(flat, minlength=G * n)  # experts per token [G*n]
+        filled = token_index >= 0  # [G, e, k]
+        flat = token_index.clamp(min=0) + torch.arange(G, device=probs.device).view(G, 1, 1) * n
+        # experts per token [G*n]: a scatter-add of the filled slots (static shape, no sync)
+        per_token = torch.zeros(G * n, dtype=torch.long, device=probs.device).scatter_add_(
+            0, flat.reshape(-1), filled.reshape(-1).long())
         bins = torch.stack([per_token == 0, per_token == 1, per_token == 2,
                             (per_token >= 3) & (per_token <= 4), per_token > 4]).float().mean(1)
         zero, one = probs.new_zeros(()).float(), probs.new_ones(()).float()
-        if self.router in ("expert_choice", "capped_expert_choice"):
+        if self.router not in TOKEN_CHOICE_TOP_K:
             return RoutingStats(bins, bins[0], zero, one, zero)
-        top_k = 1 if self.router == "top1" else 2
+        top_k = TOKEN_CHOICE_TOP_K[self.router]
         choice = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
-        demand = F.one_hot(choice, e).sum((1, 2)).float()  # [G, e] tokens wanting each expert
-        dropped = 1 - filled.sum().float() / (G * n * top_k)
+        claims = F.one_hot(choice, e)  # [G, n, top_k, e]
+        if second_uniform is not None:  # as in token_choice: renormalised g2 against the draw
+            choice_prob = torch.gather(probs, -1, choice)
+            total = choice_prob.sum(-1, keepdim=True)
+            choice_prob = choice_prob / torch.where(total > 0, total, torch.ones_like(total))
+            made = torch.stack([torch.ones_like(second_uniform, dtype=torch.bool),
+                                second_uniform < choice_prob[..., 1] / self.second_threshold], dim=-1)
+            claims = claims * made.unsqueeze(-1)
+        demand = claims.sum((1, 2)).float()  # [G, e] claims made on each expert
+        dropped = 1 - filled.sum().float() / demand.sum()
         load = (demand.amax(1) / demand.mean(1)).mean()  # averaged over groups
         overflow = (demand > k).float().mean()
         return RoutingStats(bins, bins[0], dropped, load, overflow)

@@ -42,13 +42,21 @@ def group_order(B, T, group):
     return [[(b, t) for b in range(B)] for t in range(T)]
 
 
-def reference_layer(layer, x):
-    """The layer computed with reference_numpy, one routing group at a time (float64 NumPy)."""
+def gshard_draws(layer, x, seed):
+    """The U[0, 1) draws [groups, n] a "top2_gshard" forward makes after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return torch.rand(layer.group_tokens(x).shape[:2])  # float32 whatever x's dtype
+
+
+def reference_layer(layer, x, second_uniform=None):
+    """The layer computed with reference_numpy, one routing group at a time (float64 NumPy).
+
+    second_uniform [groups, n]: the draws of a "top2_gshard" layer (see gshard_draws)."""
     w = {n: p.detach().numpy() for n, p in layer.named_parameters()}
     x = x.detach().numpy()
     B, T, d = x.shape
     y, aux, z, routes = np.zeros_like(x), [], [], []
-    for tokens in group_order(B, T, layer.group):
+    for g, tokens in enumerate(group_order(B, T, layer.group)):
         x_g = np.stack([x[b, t] for b, t in tokens])  # [n, d]
         probs = ref.router_probs(x_g, w["w_router"])
         n, e = probs.shape
@@ -58,6 +66,11 @@ def reference_layer(layer, x):
         elif layer.router == "capped_expert_choice":
             gates, index = ref.capped_expert_choice(probs, k, layer.max_experts_per_token,
                                                     layer.entropy_weight, layer.max_iter, layer.tol)
+        elif layer.router == "top2_dropless":
+            gates, index = ref.token_choice(probs, 2, n)  # capacity n: nothing can be dropped
+        elif layer.router == "top2_gshard":
+            gates, index = ref.token_choice(probs, 2, k, second_uniform[g].numpy().astype(np.float64),
+                                            layer.second_threshold)
         else:
             gates, index = ref.token_choice(probs, 1 if layer.router == "top1" else 2, k)
         y_g = ref.moe_ffn(x_g, gates, index, w["w_in"], w["w_out"])
@@ -66,7 +79,7 @@ def reference_layer(layer, x):
         aux.append(ref.load_balancing_loss(probs))
         z.append(ref.router_z_loss(x_g @ w["w_router"]))
         routes.append(route_set(gates, index, tokens))
-    aux = float(np.mean(aux)) if layer.router in ("top1", "top2") else 0.0
+    aux = float(np.mean(aux)) if layer.router in ecmoe.TOKEN_CHOICE_TOP_K else 0.0
     return y, aux, float(np.mean(z)), set().union(*routes)
 
 
@@ -77,11 +90,11 @@ def route_set(gates, index, tokens):
             for i in range(index.shape[0]) for j in range(index.shape[1]) if index[i, j] >= 0}
 
 
-def module_routes(layer, x):
+def module_routes(layer, x, second_uniform=None):
     """The module's (expert, (b, t), gate) set, from its public functions on grouped tokens."""
     x_g = layer.group_tokens(x)
     probs = ecmoe.router_probs(x_g, layer.w_router)
-    gates, index = layer.route(probs)
+    gates, index = layer.route(probs, second_uniform)
     B, T, _ = x.shape
     return set().union(*(route_set(gates[g].detach(), index[g], tokens)
                          for g, tokens in enumerate(group_order(B, T, layer.group))))
@@ -128,6 +141,101 @@ def test_token_choice_tiny_case_by_hand():
     assert index.tolist() == [[0, 1], [2, 0], [2, -1]]
     expected = [[0.7 / 0.9, 0.6 / 0.9], [0.5 / 0.9, 0.2 / 0.9], [0.4 / 0.9, 0.0]]
     torch.testing.assert_close(gates, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_token_choice_gshard_tiny_case_by_hand():
+    """GShard top-2, capacity 1: a skipped second choice claims no slot; g1 stays renormalised."""
+    probs = torch.tensor([[0.85, 0.10, 0.05], [0.60, 0.35, 0.05], [0.05, 0.15, 0.80]], dtype=torch.float64)
+    u = torch.tensor([0.9, 0.0, 0.0], dtype=torch.float64)  # t0: 0.9 >= (0.10/0.95)/0.2 -> skip
+    gates, index = ecmoe.token_choice(probs, 2, 1, second_uniform=u)
+    # 1st: t0->E0, t1->E0 full, t2->E2. 2nd: t0 skipped, t1->E1 accepted, t2->E1 full
+    assert index.tolist() == [[0], [1], [2]]
+    torch.testing.assert_close(gates, torch.tensor([[0.85], [0.35], [0.80]], dtype=torch.float64) / 0.95)
+    assert ecmoe.token_choice(probs, 2, 1)[1].tolist() == [[0], [0], [2]]  # plain top-2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_token_choice_gshard_extreme_uniforms(seed):
+    """u = 0 is bitwise top-2 (all g2 > 0); u = 1 - eps keeps a 2nd choice exactly where g2 >= threshold."""
+    probs = softmax_probs(2, 40, 4, seed=seed)
+    for capacity in (5, 40):
+        top2 = ecmoe.token_choice(probs, 2, capacity)
+        zero = ecmoe.token_choice(probs, 2, capacity, second_uniform=torch.zeros(2, 40, dtype=torch.float64))
+        assert torch.equal(zero[0], top2[0]) and torch.equal(zero[1], top2[1])
+    almost_one = torch.full((2, 40), 1.0).nextafter(torch.tensor(0.0))  # float32, the layer's draws
+    index = ecmoe.token_choice(probs, 2, 40, second_uniform=almost_one)[1]
+    top = probs.sort(-1, descending=True).values[..., :2]
+    g2 = top[..., 1] / top.sum(-1)  # [2, 40] renormalised second gate
+    assert 0 < int((g2 >= 0.2).sum()) < 80  # both cases occur
+    for gi in range(2):
+        per_token = torch.bincount(index[gi][index[gi] >= 0], minlength=40)
+        assert torch.equal(per_token, 1 + (g2[gi] >= 0.2).long())
+
+
+def test_token_choice_gshard_keeps_second_with_probability_min_1_g2_over_threshold():
+    """Over 4000 draws the second expert is used with frequency min(1, g2 / 0.2) (+- 0.03)."""
+    probs = softmax_probs(1, 12, 4, seed=3, scale=2.0).expand(4000, 12, 4)
+    u = torch.rand(4000, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    index = ecmoe.token_choice(probs, 2, 12, second_uniform=u)[1]  # capacity n: no capacity drops
+    per_token = torch.zeros(4000, 12).scatter_add_(1, index.clamp(min=0).flatten(1), (index >= 0).flatten(1).float())
+    top = probs[0].sort(-1, descending=True).values[:, :2]
+    want = (top[:, 1] / top.sum(-1) / 0.2).clamp(max=1)
+    torch.testing.assert_close((per_token - 1).mean(0).double(), want, rtol=0, atol=0.03)
+
+
+def test_top2_dropless_layer_never_drops():
+    """top2_dropless: every token gets exactly its 2 experts; = token_choice(probs, 2, capacity=n)."""
+    layer = make_layer("top2_dropless", "sequence", e=4, c=0.5)  # c is ignored, nothing dropped
+    with torch.no_grad():
+        layer.w_router.mul_(5)  # very unbalanced routing: capped top-2 would drop a lot
+    x = torch.randn(3, 10, 8, generator=torch.Generator().manual_seed(1))
+    probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router)
+    gates, index = layer.route(probs)
+    s = index.shape[-1]  # slots = the largest demand of any expert over the batch
+    full_gates, full_index = ecmoe.token_choice(probs, 2, 10)
+    assert torch.equal(index, full_index[..., :s]) and torch.equal(gates, full_gates[..., :s])
+    assert bool((full_index[..., s:] == -1).all()) and bool((index[..., -1] >= 0).any())  # s is tight
+    stats = layer(x).stats
+    assert float(stats.dropped_fraction) == 0.0 and float(stats.overflow_fraction) == 0.0
+    assert stats.experts_per_token.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    capped = make_layer("top2", "sequence", e=4, c=0.5)
+    capped.load_state_dict(layer.state_dict())
+    assert float(capped(x).stats.dropped_fraction) > 0.2
+
+
+def test_top2_gshard_layer_draws_from_the_global_generator():
+    """top2_gshard: torch.manual_seed pins the draws; fork_rng isolates them; other routers draw nothing."""
+    layer = make_layer("top2_gshard", "batch", e=4, d=8)
+    with torch.no_grad():
+        layer.w_router.mul_(0.5)  # many tokens with g2 just under 0.2: their second expert is random
+    x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    y0 = layer(x).y
+    torch.manual_seed(0)
+    assert torch.equal(layer(x).y, y0)
+    torch.manual_seed(1)
+    assert not torch.equal(layer(x).y, y0)
+    torch.manual_seed(0)
+    with torch.random.fork_rng():
+        layer(x)
+    assert torch.equal(layer(x).y, y0)  # the fork left the global generator where it was
+    u = gshard_draws(layer, x, seed=0)
+    probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router)
+    torch.manual_seed(0)
+    stats = layer(x).stats
+    gates, index = layer.route(probs, u)
+    y = layer.ungroup_tokens(ecmoe.moe_ffn(layer.group_tokens(x), gates, index, layer.w_in, layer.w_out), 4, 6)
+    assert torch.equal(y, y0)
+    # stats: dropped = claims made but not accepted / claims made (a skipped 2nd choice is no claim)
+    top = probs.sort(-1, descending=True).values[..., :2]
+    claims = 24 + int((u < top[..., 1] / top.sum(-1) / 0.2).sum())
+    assert 24 < claims < 48
+    assert float(stats.dropped_fraction) == pytest.approx(1 - int((index >= 0).sum()) / claims)
+    for router in ("expert_choice", "top2", "top2_dropless"):
+        other = make_layer(router, "batch")
+        before = torch.get_rng_state()
+        other(x)
+        assert torch.equal(torch.get_rng_state(), before), router
 
 
 def test_stable_sort_tie_order_on_cpu():
@@ -203,6 +311,7 @@ def test_capped_expert_choice_matches_reference_and_holds_cap(c, b):
         assert int(per_token.max()) <= b
     assert ecmoe.DEFAULT_ENTROPY_WEIGHT == ref.DEFAULT_ENTROPY_WEIGHT
     assert (ecmoe.DEFAULT_MAX_ITER, ecmoe.DEFAULT_TOL) == (ref.DEFAULT_MAX_ITER, ref.DEFAULT_TOL)
+    assert ecmoe.CONVERGENCE_CHECK_EVERY == ref.CONVERGENCE_CHECK_EVERY
 
 
 def test_capped_with_loose_cap_is_plain_expert_choice():
@@ -211,6 +320,25 @@ def test_capped_with_loose_cap_is_plain_expert_choice():
     capped = ecmoe.capped_expert_choice(probs, 4, 3, max_iter=1000)[1]
     plain = ecmoe.expert_choice(probs, 4)[1]
     assert [sorted(r) for r in capped.reshape(-1, 4).tolist()] == [sorted(r) for r in plain.reshape(-1, 4).tolist()]
+
+
+def test_capped_lp_stopping_rule_matches_reference_and_waits_for_the_corrections():
+    """Module and reference stop at the same sweep (checks every 10th); the lambda=1e-3 case that
+    the old rule stopped 0.54 short of the LP optimum now ends within 0.002 of it."""
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((12, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # = test_reference's random_probs
+    exact = ref._exact_lp_value(probs, 6, 3)
+    sol = ecmoe.solve_capped_lp(torch.tensor(probs)[None], 6, 3, entropy_weight=1e-3, max_iter=5000)
+    assert exact - float((torch.tensor(probs).T * sol.assignment[0]).sum()) < 0.002
+    batch = torch.stack([softmax_probs(16, 4, seed=s) for s in range(3)])
+    for tol, max_iter in [(1e-2, 1000), (1e-3, 1000), (0.0, 25)]:
+        sol = ecmoe.solve_capped_lp(batch, 4, 2, tol=tol, max_iter=max_iter)
+        for gi in range(3):
+            want = ref.solve_capped_lp(batch[gi].numpy(), 4, 2, tol=tol, max_iter=max_iter)
+            assert int(sol.n_iter[gi]) == want.n_iter
+            np.testing.assert_allclose(sol.assignment[gi].numpy(), want.assignment, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(sol.row_residual[gi, :want.n_iter].numpy(), want.row_residual, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- functional equivalence
@@ -226,14 +354,17 @@ def test_functions_match_reference_float64(n, e, seed):
     w_out = torch.randn(e, f, d, generator=g, dtype=torch.float64)
     probs = ecmoe.router_probs(x, w_router)
     k = ecmoe.expert_capacity(n, e, 1.5)
+    u = torch.rand(2, n, generator=g, dtype=torch.float64)
     routed = {"ec": ecmoe.expert_choice(probs, k), "top1": ecmoe.token_choice(probs, 1, k),
-              "top2": ecmoe.token_choice(probs, min(2, e), k)}
+              "top2": ecmoe.token_choice(probs, min(2, e), k), "top2_dropless": ecmoe.token_choice(probs, 2, n),
+              "top2_gshard": ecmoe.token_choice(probs, 2, k, second_uniform=u)}
     lb, zl = ecmoe.load_balancing_loss(probs), ecmoe.router_z_loss(x @ w_router)
     for gi in range(2):
         p = ref.router_probs(x[gi].numpy(), w_router.numpy())
         np.testing.assert_allclose(probs[gi].numpy(), p, rtol=0, atol=1e-14)
         ref_routed = {"ec": ref.expert_choice(p, k), "top1": ref.token_choice(p, 1, k),
-                      "top2": ref.token_choice(p, min(2, e), k)}
+                      "top2": ref.token_choice(p, min(2, e), k), "top2_dropless": ref.token_choice(p, 2, n),
+                      "top2_gshard": ref.token_choice(p, 2, k, second_uniform=u[gi].numpy())}
         for name, (gates, index) in routed.items():
             ref_gates, ref_index = ref_routed[name]
             assert index[gi].tolist() == ref_index.tolist(), name
@@ -269,10 +400,12 @@ def test_layer_matches_reference_float64(router, group, B, T, seed):
         with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):
             layer(x)
         return
+    torch.manual_seed(seed)  # top2_gshard draws from the global generator
     out = layer(x)
-    y, aux, z, routes = reference_layer(layer, x)
+    u = gshard_draws(layer, x, seed) if layer.router == "top2_gshard" else None
+    y, aux, z, routes = reference_layer(layer, x, u)
     np.testing.assert_allclose(out.y.detach().numpy(), y, atol=1e-10)
-    assert module_routes(layer, x) == routes
+    assert module_routes(layer, x, u) == routes
     assert out.aux_loss.item() == pytest.approx(aux, abs=1e-10)
     assert out.z_loss.item() == pytest.approx(z, abs=1e-10)
 
@@ -282,8 +415,12 @@ def test_layer_float32_close_to_float64(router):
     """Float32 forward is within 1e-4 (relative to max |y|) of the float64 forward."""
     layer = make_layer(router, "sequence", c=1.0)
     x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(5))
-    y32 = layer(x).y
-    y64 = layer.double()(x.double()).y
+    with torch.random.fork_rng():  # top2_gshard: the same (float32) draws in both dtypes
+        torch.manual_seed(0)
+        y32 = layer(x).y
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        y64 = layer.double()(x.double()).y
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), y64, rtol=0, atol=1e-4 * y64.abs().max().item())
 
@@ -295,8 +432,10 @@ def test_bfloat16_autocast_router_fp32_experts_bf16(router):
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(6))
     seen = []  # what forward hands to the router: probs dtype, gates, token_index
     route = layer.route
-    layer.route = lambda probs: seen.append((probs.dtype, *route(probs))) or seen[-1][1:]
+    layer.route = lambda probs, *u: seen.append((probs.dtype, *route(probs, *u))) or seen[-1][1:]
+    torch.manual_seed(0)  # top2_gshard draws the same uniforms both times
     reference = layer(x)
+    torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     (dtype_plain, gates_plain, index_plain), (dtype_autocast, gates_autocast, index_autocast) = seen
@@ -310,12 +449,14 @@ def test_bfloat16_autocast_router_fp32_experts_bf16(router):
 
 # ----------------------------------------------------------------------------- gradients
 def test_gradcheck_routers_and_losses():
-    """Gates are differentiable w.r.t. probs (EC, top-1, top-2, capped); losses w.r.t. probs/logits."""
+    """Gates are differentiable w.r.t. probs (EC, top-1, top-2, GShard top-2, capped); losses too."""
     logits = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     probs = torch.softmax(3 * logits, -1).requires_grad_()
     torch.autograd.gradcheck(lambda p: ecmoe.expert_choice(p, 2)[0], (probs,))
     torch.autograd.gradcheck(lambda p: ecmoe.token_choice(p, 1, 2)[0], (probs,))
     torch.autograd.gradcheck(lambda p: ecmoe.token_choice(p, 2, 3)[0], (probs,))
+    u = torch.tensor([0.9, 0.1, 0.5, 0.0, 0.99, 0.3], dtype=torch.float64)
+    torch.autograd.gradcheck(lambda p: ecmoe.token_choice(p, 2, 3, second_uniform=u)[0], (probs,))
     torch.autograd.gradcheck(lambda p: ecmoe.capped_expert_choice(p, 2, 2)[0], (probs,))
     torch.autograd.gradcheck(lambda p: ecmoe.load_balancing_loss(p), (probs,))
     torch.autograd.gradcheck(ecmoe.router_z_loss, (logits.clone().requires_grad_(),))
@@ -350,7 +491,9 @@ def test_gradcheck_layer_with_clear_margin():
 
 
 # ----------------------------------------------------------------------------- causality
-CAUSAL = [(r, "position") for r in ROUTERS] + [("top1", "batch"), ("top1", "sequence")]
+# dropless top-2 has no capacity to compete for, so it is causal under every grouping
+CAUSAL = [(r, "position") for r in ROUTERS] + [("top1", "batch"), ("top1", "sequence"),
+                                               ("top2_dropless", "batch"), ("top2_dropless", "sequence")]
 
 
 @pytest.mark.parametrize("router,group", CAUSAL)
@@ -360,18 +503,25 @@ def test_causal_routing_never_sees_the_future(router, group):
     layer = make_layer(router, group, c=1.0 if router == "top1" else 2.0, max_iter=100)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(B, T, 8, generator=g)
-    y = layer(x).y
+
+    def run(x):  # top2_gshard: the same draws every call, so only x differs
+        torch.manual_seed(0)
+        return layer(x).y
+    y = run(x)
     for t in range(T - 1):
         for _ in range(3):
             x2 = x.clone()
             x2[:, t + 1:] = 3 * torch.randn(B, T - t - 1, 8, generator=g)
-            assert torch.equal(layer(x2).y[:, :t + 1], y[:, :t + 1]), (router, group, t)
+            assert torch.equal(run(x2)[:, :t + 1], y[:, :t + 1]), (router, group, t)
 
 
 def leaks(layer, x, x_changed, t):
     """True if changing positions > t (x -> x_changed) changed an output at positions <= t."""
     assert torch.equal(x[:, :t + 1], x_changed[:, :t + 1])
-    return not torch.equal(layer(x).y[:, :t + 1], layer(x_changed).y[:, :t + 1])
+    torch.manual_seed(0)  # top2_gshard: the same draws for both calls
+    y = layer(x).y
+    torch.manual_seed(0)
+    return not torch.equal(y[:, :t + 1], layer(x_changed).y[:, :t + 1])
 
 
 def identity_router_layer(router, group, c):
@@ -393,14 +543,17 @@ def test_expert_choice_leaks_under_batch_and_sequence_grouping(group):
     assert not leaks(identity_router_layer("expert_choice", "position", 1.0), x, x_changed, t=2)
 
 
+@pytest.mark.parametrize("router", ["top2", "top2_gshard"])
 @pytest.mark.parametrize("group", ["batch", "sequence"])
-def test_top2_leaks_through_second_choice_capacity(group):
+def test_top2_leaks_through_second_choice_capacity(router, group):
     """Top-2 is not causal over a sequence: a later FIRST choice changes an earlier SECOND choice."""
-    layer = identity_router_layer("top2", group, c=1.0)  # n=2, e=2 -> capacity 1
+    layer = identity_router_layer(router, group, c=1.0)  # n=2, e=2 -> capacity 1
+    # t0's renormalised g2 = 0.27 >= 0.2, so top2_gshard keeps its second choice whatever u is
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # 1st: t0->E0, t1->E1; t0's 2nd (E1) is dropped
     x_changed = torch.tensor([[[1.0, 0.0], [2.0, 0.0]]])  # t1 -> E0 (dropped); now E1 takes t0
     assert leaks(layer, x, x_changed, t=0)
     assert not leaks(identity_router_layer("top1", group, 1.0), x, x_changed, t=0)
+    assert not leaks(identity_router_layer("top2_dropless", group, 1.0), x, x_changed, t=0)
 
 
 # ----------------------------------------------------------------------------- tiny groups
@@ -451,8 +604,12 @@ def test_bad_constructor_arguments_raise():
         ecmoe.MoE(8, 16, 4, router="capped_expert_choice", capacity_factor=3.0, max_experts_per_token=2)
     with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):  # 1 token, 4 experts
         make_layer("capped_expert_choice", "position", e=4, c=1.0)(torch.randn(1, 3, 8))
-    with pytest.raises(ValueError, match="n_experts must be >= 2 for router='top2'"):
-        ecmoe.MoE(8, 16, 1, router="top2")
+    for router in ("top2", "top2_dropless", "top2_gshard"):
+        with pytest.raises(ValueError, match=f"n_experts must be >= 2 for router='{router}'"):
+            ecmoe.MoE(8, 16, 1, router=router)
+    for threshold in (0.0, -0.2, float("nan"), True):
+        with pytest.raises(ValueError, match="second_threshold must be a finite number > 0"):
+            ecmoe.MoE(8, 16, 4, router="top2_gshard", second_threshold=threshold)
     for kw, match in [(dict(entropy_weight=0.0), "entropy_weight"), (dict(entropy_weight=-1e-2), "entropy_weight"),
                       (dict(max_iter=0), "max_iter"), (dict(tol=float("nan")), "tol"), (dict(tol=-1.0), "tol")]:
         with pytest.raises(ValueError, match=match):
@@ -470,6 +627,15 @@ def test_bad_function_arguments_raise():
             (lambda: ecmoe.expert_choice(probs.clone().fill_(float("nan")), 1), "finite"),
             (lambda: ecmoe.token_choice(probs, 4, 2), r"top_k must be an integer in \[1, 3\]"),
             (lambda: ecmoe.token_choice(probs, 1, 0), "capacity must be an integer"),
+            (lambda: ecmoe.token_choice(probs, 1, 2, second_uniform=torch.zeros(5)), "second_uniform needs top_k=2"),
+            (lambda: ecmoe.token_choice(probs, 2, 2, second_uniform=torch.zeros(4)),
+             r"second_uniform must be a floating-point tensor of shape \[..., n\] = \(5,\)"),
+            (lambda: ecmoe.token_choice(probs, 2, 2, second_uniform=torch.zeros(5, dtype=torch.long)),
+             "second_uniform must be a floating-point"),
+            (lambda: ecmoe.token_choice(probs, 2, 2, second_uniform=torch.ones(5)), r"second_uniform must lie in \[0, 1\)"),
+            (lambda: ecmoe.token_choice(probs, 2, 2, second_uniform=torch.full((5,), -0.5)), r"second_uniform must lie"),
+            (lambda: ecmoe.token_choice(probs, 2, 2, second_uniform=torch.full((5,), float("nan"))), "second_uniform must lie"),
+            (lambda: ecmoe.token_choice(probs, 2, 2, second_threshold=0.0), "second_threshold must be"),
             (lambda: ecmoe.capped_expert_choice(probs, 4, 2), "infeasible"),  # 2*5 < 4*3
             (lambda: ecmoe.capped_expert_choice(probs, 2, 0), "max_experts_per_token must be"),
             (lambda: ecmoe.capped_expert_choice(probs, 1, 2, entropy_weight=0.0), "entropy_weight"),
@@ -483,6 +649,90 @@ def test_bad_function_arguments_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+# ----------------------------------------------------------------------------- sync-free forward
+def test_check_inputs_runs_value_checks_on_cpu_by_default_and_on_request():
+    """check_inputs: None checks values on CPU (not on other devices), True always, False never."""
+    x_nan = torch.full((2, 3, 8), float("nan"))
+    for check_inputs in (None, True):
+        with pytest.raises(ValueError, match="x must be finite"):
+            make_layer("expert_choice", "batch", check_inputs=check_inputs)(x_nan)
+    layer = make_layer("expert_choice", "batch")
+    assert layer.value_checks_on(torch.randn(1)) and not layer.value_checks_on(torch.empty(1, device="meta"))
+    assert make_layer("top1", "batch", check_inputs=True).value_checks_on(torch.empty(1, device="meta"))
+    for router in ("expert_choice", "top1", "top2", "top2_gshard"):  # unchecked: runs, no error
+        out = make_layer(router, "batch", check_inputs=False)(x_nan)
+        assert out.y.shape == (2, 3, 8)
+    bad_router = make_layer("top2", "batch")
+    with torch.no_grad():
+        bad_router.w_router[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="router probabilities are NaN"):
+        bad_router(torch.ones(2, 3, 8))
+    bad_router.check_inputs = False
+    bad_router(torch.ones(2, 3, 8))  # no check, no error
+    with pytest.raises(ValueError, match="check_inputs must be None"):
+        ecmoe.MoE(8, 16, 4, check_inputs="cpu")
+    with pytest.raises(ValueError, match="x must be a floating-point"):  # type checks always run
+        make_layer("expert_choice", "batch", check_inputs=False)(torch.ones(2, 3, 8, dtype=torch.long))
+
+
+def compiled_matches_eager(router, backend):
+    layer = make_layer(router, "batch", d=8, f=16, e=4)
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(layer, fullgraph=True, backend=backend, dynamic=False)
+    torch.manual_seed(0)  # top2_gshard: the same draws (eager RNG under aot_eager)
+    out = compiled(x)
+    torch.manual_seed(0)
+    eager = layer(x)
+    torch.testing.assert_close(out.y, eager.y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.aux_loss, eager.aux_loss)
+    torch.testing.assert_close(out.z_loss, eager.z_loss)
+    for got, want in zip(out.stats, eager.stats):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "top1", "top2", "top2_gshard"])
+def test_forward_traces_as_one_graph(router):
+    """torch.compile(fullgraph=True) traces the forward without a graph break (aot_eager) = eager."""
+    compiled_matches_eager(router, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["expert_choice", "top1", "top2"])
+def test_forward_compiles_with_inductor(router):
+    """The default torch.compile backend (inductor, needs a C compiler) with fullgraph=True = eager."""
+    compiled_matches_eager(router, "inductor")
+
+
+def test_extra_repr_shows_the_settings():
+    """print(moe) shows sizes, router, capacity factor, group, and the router's own settings."""
+    assert repr(ecmoe.MoE(8, 16, 4)) == ("MoE(d_model=8, d_ff=16, n_experts=4, router='expert_choice', "
+                                         "capacity_factor=2.0, group='batch')")
+    capped = repr(ecmoe.MoE(8, 16, 4, router="capped_expert_choice", capacity_factor=1.0, group="position"))
+    assert "router='capped_expert_choice', capacity_factor=1.0, group='position', max_experts_per_token=2, " \
+           f"entropy_weight={ecmoe.DEFAULT_ENTROPY_WEIGHT}, max_iter={ecmoe.DEFAULT_MAX_ITER}, tol={ecmoe.DEFAULT_TOL}" in capped
+    assert "second_threshold=0.3" in repr(ecmoe.MoE(8, 16, 4, router="top2_gshard", second_threshold=0.3))
+    assert "capacity_factor=ignored (dropless)" in repr(ecmoe.MoE(8, 16, 4, router="top2_dropless"))
+    assert "check_inputs=False" in repr(ecmoe.MoE(8, 16, 4, check_inputs=False))
+    assert "max_iter" not in repr(ecmoe.MoE(8, 16, 4, router="top1"))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("router", ["expert_choice", "top1", "top2", "top2_gshard"])
+def test_cuda_forward_and_backward_never_sync(router):
+    """On CUDA the training forward (and backward) makes no host-device sync (sync debug mode 'error')."""
+    layer = make_layer(router, "batch", d=16, f=32, e=4).cuda()
+    x = torch.randn(4, 8, 16, device="cuda")
+    layer(x)  # warm-up: lazy CUDA init may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+        (out.y.square().mean() + 0.01 * out.aux_loss + 1e-3 * out.z_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ----------------------------------------------------------------------------- GPU (CuPy reference)

@@ -501,6 +501,76 @@ def test_token_choice_gates(top_k):
         np.testing.assert_allclose(sums, 1.0, rtol=1e-12)
 
 
+def gshard_oracle(probs, capacity, u, threshold=0.2):
+    """GShard top-2 as a loop: t's 2nd choice claims only if u[t] < g2/threshold (g2 renormalised)."""
+    n, e = probs.shape
+    choice = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+    top = np.take_along_axis(probs, choice, axis=1)
+    gate = top / top.sum(axis=1, keepdims=True)
+    G, I, fill = np.zeros((e, capacity)), np.full((e, capacity), -1, dtype=np.int64), np.zeros(e, dtype=int)
+    for r in range(2):
+        for t in range(n):
+            i = choice[t, r]
+            if r == 1 and not u[t] < gate[t, 1] / threshold:
+                continue  # the skipped second choice claims nothing
+            if fill[i] < capacity:
+                I[i, fill[i]], G[i, fill[i]] = t, gate[t, r]
+                fill[i] += 1
+    return G, I
+
+
+def test_hand_token_choice_gshard_skipped_second_claims_no_capacity():
+    """GShard top-2, capacity 1: t0's skipped second choice leaves e1's slot to t1's second choice."""
+    probs = np.array([[0.85, 0.10, 0.05], [0.60, 0.35, 0.05], [0.05, 0.15, 0.80]])
+    u = np.array([0.9, 0.0, 0.0])
+    G, I = ref.token_choice(probs, 2, 1, second_uniform=u)
+    # g2 = .10/.95 = .105 (keep iff u < .526: t0 skips), .35/.95 = .368 (always), .15/.95 = .158
+    # 1st: t0->e0, t1->e0 full, t2->e2.  2nd: t0 skipped, t1->e1 ACCEPTED, t2->e1 full
+    np.testing.assert_array_equal(I, [[0], [1], [2]])
+    np.testing.assert_allclose(G, [[0.85 / 0.95], [0.35 / 0.95], [0.80 / 0.95]], rtol=1e-12)  # g1 stays renormalised
+    _, I_top2 = ref.token_choice(probs, 2, 1)
+    np.testing.assert_array_equal(I_top2, [[0], [0], [2]])  # plain top-2: t0's second takes e1
+
+
+@FAST
+@given(n=st.integers(1, 24), e=st.integers(2, 6), capacity=st.integers(1, 10),
+       seed=st.integers(0, 2**31), threshold=st.sampled_from([0.05, 0.2, 0.5, 1.0, 3.0]))
+def test_token_choice_gshard_equals_loop(n, e, capacity, seed, threshold):
+    """GShard's random second expert = the FCFS loop that skips 2nd choices with u >= g2/threshold."""
+    rng = np.random.default_rng(seed)
+    probs, u = random_probs(rng, n, e), rng.random(n)
+    G, I = ref.token_choice(probs, 2, capacity, second_uniform=u, second_threshold=threshold)
+    Gx, Ix = gshard_oracle(probs, capacity, u, threshold)
+    np.testing.assert_array_equal(I, Ix)
+    np.testing.assert_allclose(G, Gx, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_token_choice_gshard_extreme_uniforms(seed):
+    """u = 0 keeps every second choice (= top-2); u just below 1 keeps it only where g2 >= threshold."""
+    rng = np.random.default_rng(seed)
+    n, e = 40, 4
+    probs = random_probs(rng, n, e)
+    top2 = ref.token_choice(probs, 2, n)
+    zero = ref.token_choice(probs, 2, n, second_uniform=np.zeros(n))
+    np.testing.assert_array_equal(zero[1], top2[1])
+    np.testing.assert_array_equal(zero[0], top2[0])
+    G, I = ref.token_choice(probs, 2, n, second_uniform=np.full(n, np.nextafter(1.0, 0.0)))
+    top = np.sort(probs, axis=1)[:, ::-1][:, :2]
+    g2 = top[:, 1] / top.sum(axis=1)
+    assert 0 < (g2 >= 0.2).sum() < n  # both cases occur
+    np.testing.assert_array_equal(np.bincount(I[I >= 0], minlength=n), 1 + (g2 >= 0.2))
+
+
+def test_token_choice_capacity_n_is_dropless():
+    """Top-2 with capacity = n (dropless top-2) never drops: every token holds exactly 2 experts."""
+    probs = random_probs(np.random.default_rng(5), 30, 4, temperature=0.1)  # very unbalanced
+    _, I_capped = ref.token_choice(probs, 2, ref.expert_capacity(30, 4, 2.0))
+    assert (I_capped >= 0).sum() < 60  # the capped top-2 does drop here
+    _, I = ref.token_choice(probs, 2, 30)
+    np.testing.assert_array_equal(np.bincount(I[I >= 0], minlength=30), 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # EC-CAP: solver, rounding, cap, LP oracle
 # ---------------------------------------------------------------------------------------------
@@ -656,6 +726,29 @@ def test_capped_lp_residuals_shrink_and_are_small_at_defaults():
     assert final <= 0.01 * max(short.col_residual[-1], short.entry_residual[-1])
 
 
+def test_capped_lp_does_not_stop_while_the_corrections_still_move():
+    """Regression: 12 tokens, 4 experts, k=6, b=3, lambda=1e-3. The old rule (feasible and A still over
+    one sweep) stopped at sweep 314 with <S,A> = 8.19 against the LP optimum 8.73, while the Dykstra
+    corrections still moved; now the solver runs on to within 0.002 of it and rounds to the optimum."""
+    probs = random_probs(np.random.default_rng(1), 12, 4)
+    exact = lp_optimum(probs, 6, 3)
+    sol = ref.solve_capped_lp(probs, 6, 3, entropy_weight=1e-3, max_iter=5000)
+    assert exact - (probs.T * sol.assignment).sum() < 0.002
+    gates, index = ref.capped_expert_choice(probs, 6, 3, entropy_weight=1e-3, max_iter=5000)
+    assert gates.sum() == pytest.approx(exact, abs=1e-9) and np.all(index >= 0)
+
+
+def test_capped_lp_tests_its_stopping_rule_every_10th_sweep():
+    """The stopping rule runs after sweeps 10, 20, ...: n_iter is a multiple of 10 or max_iter."""
+    assert ref.CONVERGENCE_CHECK_EVERY == 10
+    probs = random_probs(np.random.default_rng(3), 16, 4)
+    for tol, max_iter in [(1e-2, 1000), (1e-3, 1000), (1e-2, 7), (0.0, 25)]:
+        sol = ref.solve_capped_lp(probs, 4, 2, tol=tol, max_iter=max_iter)
+        assert sol.n_iter == max_iter or (sol.n_iter % 10 == 0 and sol.n_iter < max_iter)
+        assert len(sol.row_residual) == len(sol.col_residual) == len(sol.entry_residual) == sol.n_iter
+    assert ref.solve_capped_lp(probs, 4, 2, tol=1e-2).n_iter < 1000  # a loose tol does stop early
+
+
 # =============================================================================================
 # 3. Regression tests for bugs seen in peer implementations
 # =============================================================================================
@@ -774,6 +867,14 @@ BAD_CALLS = {
     "top_k 0": (lambda: ref.token_choice(P, top_k=0, capacity=2), "top_k"),
     "top_k > e": (lambda: ref.token_choice(P, top_k=4, capacity=2), "top_k"),
     "capacity 0": (lambda: ref.token_choice(P, top_k=1, capacity=0), r"\bcapacity\b"),
+    "second_uniform needs top_k=2": (lambda: ref.token_choice(P, 1, 2, second_uniform=np.zeros(6)),
+                                     "second_uniform"),
+    "second_uniform shape": (lambda: ref.token_choice(P, 2, 2, second_uniform=np.zeros(5)), "second_uniform"),
+    "second_uniform = 1": (lambda: ref.token_choice(P, 2, 2, second_uniform=np.ones(6)), "second_uniform"),
+    "second_uniform < 0": (lambda: ref.token_choice(P, 2, 2, second_uniform=np.full(6, -0.1)), "second_uniform"),
+    "second_uniform nan": (lambda: ref.token_choice(P, 2, 2, second_uniform=np.full(6, np.nan)), "second_uniform"),
+    "second_threshold 0": (lambda: ref.token_choice(P, 2, 2, second_threshold=0.0), "second_threshold"),
+    "second_threshold nan": (lambda: ref.token_choice(P, 2, 2, second_threshold=float("nan")), "second_threshold"),
     # cap
     "cap infeasible b*n < k*e": (lambda: ref.capped_expert_choice(P, 5, max_experts_per_token=2),
                                  "max_experts_per_token"),  # 2*6 = 12 < 5*3 = 15
