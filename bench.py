@@ -2,23 +2,33 @@
 
 Forward + backward wall time of one layer on n tokens (one routing group), for
     dense    a GELU FFN d -> c*f -> d: the same FLOPs as EC-CFc (each token gets c experts of width f
-             on average), the yardstick every ratio is taken against;
+             on average), the yardstick every ratio is taken against (always timed);
     ec       ecmoe.MoE(router="expert_choice") (gather -> batched matmul -> scatter-add);
     top1/2   ecmoe.MoE(router="top1"/"top2") through the same dispatch path, same slot count;
     onehot   expert choice the way the Google references write it: one-hot dispatch and combine
              tensors [n, e, k] and einsums (O(c n^2 d) work and O(c n^2) memory), for contrast;
     hf       transformers' SwitchTransformersSparseMLP at matched sizes (only when installed).
+With --compile, dense/ec/top1/top2 are also timed after torch.compile (names end in _compiled).
 Timings are interleaved round-robin (each repeat runs every method once) and we report medians.
+On CUDA each call is timed with CUDA events (after torch.cuda.synchronize); on CPU with
+time.perf_counter. --dtype bfloat16 runs the forward under torch.autocast (the layer keeps its
+router in float32, see ecmoe.MoE); the weights stay float32, as in mixed-precision training.
+On CUDA, <method>_peak_mb is the peak allocated memory during the method's warm-up call
+(everything resident included); <method>_compiled_compile_s is the first call of a compiled one.
 
     python bench.py                   # full table, fp32, CUDA if present else CPU
-    python bench.py --quick           # tiny config for a smoke test (seconds)
+    python bench.py --quick           # tiny config for a smoke test (seconds); flags you give win
     python bench.py --json out.json   # also write hardware, versions, threads and timings
+    python bench.py --device cuda --dtype bfloat16 --compile   # GPU, bf16 autocast, + compiled
 """
 import argparse
 import json
+import math
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import ecmoe
+
+METHODS = ("ec", "top1", "top2", "onehot", "hf")  # besides dense, which is always timed
+COMPILABLE = ("dense", "ec", "top1", "top2")
 
 
 @dataclass
@@ -40,15 +53,50 @@ class BenchConfig:
     onehot_max_gb: float = 4.0  # skip one-hot sizes whose [n, e, k] tensors would need more memory
     onehot_max_gflop: float = 1000.0  # ... or more work than this per forward+backward
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "float32"  # float32, or bfloat16 = the forward under torch.autocast
+    matmul_precision: str = "highest"  # torch.set_float32_matmul_precision; "high" = TF32 on GPUs
+    methods: list = field(default_factory=lambda: list(METHODS))  # besides dense
+    compile: bool = False  # also time torch.compile'd dense/ec/top1/top2
     threads: int = 0  # CPU threads (0 = torch's default); 1 is steadier on a shared machine
     seed: int = 0
 
 
-HELP = dict(tokens="tokens n per routing group", experts="expert counts e", capacity_factors="capacity factors c",
-            d_model="model width d", d_expert="expert width f (dense width = c*f)",
-            repeats="interleaved repeats (median reported)", onehot_repeats="repeats that include one-hot",
-            onehot_max_gb="skip one-hot above this memory", onehot_max_gflop="skip one-hot above this work",
-            device="cpu or cuda", threads="CPU threads, 0 = torch default", seed="weight/input seed")
+def _number(kind, low, strict=False, note=""):
+    """argparse type: an int/float >= low (> low if strict), finite; the message names the range."""
+    word = "an integer" if kind is int else "a finite number"
+    expected = f"{word} {'>' if strict else '>='} {low:g}{note}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}")
+        return value
+    return parse
+
+
+# flag -> (argparse type or choices, help); the help also shows the default and --quick's value
+FLAGS = dict(
+    tokens=(_number(int, 1), "tokens n per routing group"),
+    experts=(_number(int, 2, note=" (top-2 needs two experts)"), "expert counts e"),
+    capacity_factors=(_number(float, 0, strict=True), "capacity factors c"),
+    d_model=(_number(int, 1), "model width d"),
+    d_expert=(_number(int, 1), "expert width f (dense width = c*f)"),
+    repeats=(_number(int, 1), "interleaved repeats (median reported)"),
+    onehot_repeats=(_number(int, 1), "repeats that include one-hot"),
+    onehot_max_gb=(_number(float, 0), "skip one-hot above this memory"),
+    onehot_max_gflop=(_number(float, 0), "skip one-hot above this work"),
+    device=(("cpu", "cuda"), "device; cuda when torch sees a GPU"),
+    dtype=(("float32", "bfloat16"), "float32, or bfloat16 autocast (weights stay float32)"),
+    matmul_precision=(("highest", "high", "medium"), "float32 matmul precision (high = TF32)"),
+    methods=(METHODS, "methods to time besides dense"),
+    compile=(bool, "also time torch.compile'd dense/ec/top1/top2"),
+    threads=(_number(int, 0), "CPU threads, 0 = torch default"),
+    seed=(_number(int, 0), "weight/input seed"),
+)
+# --quick fills only the flags that are not given on the command line
 QUICK = dict(tokens=[256], experts=[4], capacity_factors=[2.0], d_model=32, d_expert=64,
              repeats=3, onehot_repeats=2)
 
@@ -108,19 +156,45 @@ def onehot_cost(n, e, k, d):
     return 4 * entries * 4 / 1e9, 3 * 2 * 2 * entries * d / 1e9
 
 
-def time_once(fn, x, params, device):
+def time_once(fn, x, params, cfg):
+    """Seconds for one forward (under autocast if --dtype bfloat16) + backward of fn on x."""
     for p in params:
         p.grad = None
     x.grad = None
-    if device == "cuda":
+    cuda = cfg.device == "cuda"
+    if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(x)
-    y = out.y if isinstance(out, ecmoe.MoEOutput) else out
-    y.float().square().mean().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = time.perf_counter()
+    with torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        out = fn(x)
+        y = out.y if isinstance(out, ecmoe.MoEOutput) else out
+        loss = y.float().square().mean()
+    loss.backward()  # outside autocast, as in mixed-precision training
+    if cuda:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return time.perf_counter() - t0
+
+
+def compile_methods(methods, x, cfg, notes, row):
+    """torch.compile'd copies of dense/ec/top1/top2; row gets the time of their first call."""
+    compiled = {}
+    for name in [m for m in COMPILABLE if m in methods]:
+        fn = torch.compile(methods[name])
+        try:
+            compile_s = time_once(fn, x, list(methods[name].parameters()), cfg)
+        except Exception as error:  # e.g. no C++ compiler for inductor on CPU
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            notes.append(f"compile skipped for {name} at n={row['n']} e={row['e']} c={row['c']}: "
+                         f"{type(error).__name__}: {first_line[:200]}")
+            continue
+        row[f"{name}_compiled_compile_s"] = compile_s
+        compiled[f"{name}_compiled"] = fn
+    return compiled
 
 
 def bench_case(cfg, n, e, c, notes):
@@ -128,36 +202,49 @@ def bench_case(cfg, n, e, c, notes):
     torch.manual_seed(cfg.seed)
     d, f, device = cfg.d_model, cfg.d_expert, cfg.device
     k = ecmoe.expert_capacity(n, e, c)
+    row = dict(n=n, e=e, c=c, k=k)
     x = torch.randn(1, n, d, device=device, requires_grad=True)  # one routing group of n tokens
     moe = {r: ecmoe.MoE(d, f, e, router=r, capacity_factor=c, group="batch").to(device)
            for r in ("expert_choice", "top1", "top2")}
-    methods = {"dense": DenseFFN(d, round(c * f)).to(device), "ec": moe["expert_choice"],
-               "top1": moe["top1"], "top2": moe["top2"]}
+    methods = {"dense": DenseFFN(d, round(c * f)).to(device)}
+    for name, router in (("ec", "expert_choice"), ("top1", "top1"), ("top2", "top2")):
+        if name in cfg.methods:
+            methods[name] = moe[router]
     gb, gflop = onehot_cost(n, e, k, d)
-    if gb > cfg.onehot_max_gb or gflop > cfg.onehot_max_gflop:
+    if "onehot" in cfg.methods and (gb > cfg.onehot_max_gb or gflop > cfg.onehot_max_gflop):
         notes.append(f"onehot skipped at n={n} e={e} c={c}: would need {gb:.1f} GB / {gflop:.0f} GFLOP "
                      f"(limits {cfg.onehot_max_gb} GB / {cfg.onehot_max_gflop} GFLOP)")
-    else:
+    elif "onehot" in cfg.methods:
         methods["onehot"] = OneHotExpertChoice(moe["expert_choice"])
-    hf = hf_switch_mlp(d, f, e, k)
+    hf = hf_switch_mlp(d, f, e, k) if "hf" in cfg.methods else None
     if hf is not None:
         methods["hf_switch_top1"] = hf
+    if cfg.compile:
+        torch._dynamo.reset()  # fresh compile per case: no cache limit, no stale shapes
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        methods.update(compile_methods(methods, x, cfg, notes, row))
+        row["compiled_graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks
     times = {name: [] for name in methods}
-    for name, fn in methods.items():  # warm-up
-        time_once(fn, x, list(fn.parameters()), device)
+    for name, fn in methods.items():  # warm-up (compiled ones already ran once: the compile)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        time_once(fn, x, list(fn.parameters()), cfg)
+        if device == "cuda":
+            row[f"{name}_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     for r in range(cfg.repeats):
         for name, fn in methods.items():
             if name == "onehot" and r >= cfg.onehot_repeats:
                 continue
-            times[name].append(time_once(fn, x, list(fn.parameters()), device))
-    row = dict(n=n, e=e, c=c, k=k)
+            times[name].append(time_once(fn, x, list(fn.parameters()), cfg))
     for name, t in times.items():
         row[f"{name}_ms"] = 1e3 * statistics.median(t)
         row[f"{name}_min_ms"] = 1e3 * min(t)
     for name in times:
         if name != "dense":
             row[f"{name}_vs_dense"] = row[f"{name}_ms"] / row["dense_ms"]
-    if "onehot_ms" in row:
+        if name.endswith("_compiled") and name != "dense_compiled" and "dense_compiled" in times:
+            row[f"{name}_vs_dense_compiled"] = row[f"{name}_ms"] / row["dense_compiled_ms"]
+    if "onehot_ms" in row and "ec_ms" in row:
         row["onehot_over_ec"] = row["onehot_ms"] / row["ec_ms"]
     return row
 
@@ -166,11 +253,15 @@ def check_targets(rows):
     """The targets from the issue (benchmark only, never asserted in tests)."""
     out = []
     for row in rows:
+        if "ec_ms" not in row:
+            continue
         if row["c"] == 2.0 and row["n"] == 8192:
             out.append((f"EC-CF2 <= 1.05x dense (n=8192, e={row['e']})", row["ec_vs_dense"] <= 1.05))
         if row["c"] == 2.0 and row["n"] == 2048 and row["e"] == 32:
             out.append(("EC-CF2 <= 1.15x dense (n=2048, e=32)", row["ec_vs_dense"] <= 1.15))
-        out.append((f"EC <= top-2 (n={row['n']}, e={row['e']}, c={row['c']})", row["ec_ms"] <= row["top2_ms"]))
+        if "top2_ms" in row:
+            out.append((f"EC <= top-2 (n={row['n']}, e={row['e']}, c={row['c']})",
+                        row["ec_ms"] <= row["top2_ms"]))
         if row["n"] == 8192 and "onehot_over_ec" in row:
             out.append((f"EC >= 10x faster than one-hot (n=8192, e={row['e']}, c={row['c']})",
                         row["onehot_over_ec"] >= 10))
@@ -186,64 +277,102 @@ def cpu_name():
         return platform.processor() or platform.platform()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = BenchConfig()
-    parser.add_argument("--quick", action="store_true", help="tiny config for a smoke test")
-    parser.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
-    for name, value in asdict(defaults).items():
-        kind = type(value[0]) if isinstance(value, list) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value,
-                            nargs="+" if isinstance(value, list) else None, help=HELP[name])
-    args = parser.parse_args()
-    cfg = BenchConfig(**{name: getattr(args, name) for name in asdict(defaults)})
-    if args.quick:
-        cfg = BenchConfig(**{**asdict(cfg), **QUICK})
+def build_parser():
+    """Flags from BenchConfig; defaults are filled in parse_config (so --quick can tell given ones)."""
+    defaults = asdict(BenchConfig())
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", default=False,
+                        help="tiny config for a smoke test; flags given explicitly still win")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write results as JSON to PATH")
+    for name, value in defaults.items():
+        kind, text = FLAGS[name]
+        flag = f"--{name.replace('_', '-')}"
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+        text += f" (default: {show(value)}" + (f"; --quick: {show(QUICK[name])})" if name in QUICK else ")")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        elif isinstance(kind, tuple):
+            parser.add_argument(flag, choices=kind, nargs="+" if isinstance(value, list) else None,
+                                help=text)
+        else:
+            parser.add_argument(flag, type=kind, nargs="+" if isinstance(value, list) else None,
+                                help=text)
+    return parser
+
+
+def parse_config(argv):
+    """argv -> (BenchConfig, args). Precedence: defaults < --quick's values < flags given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {name: getattr(args, name) for name in asdict(BenchConfig()) if hasattr(args, name)}
+    cfg = BenchConfig(**{**asdict(BenchConfig()), **(QUICK if args.quick else {}), **given})
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        reason = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
+        parser.error(f"--device cuda: no CUDA device available ({reason}); use --device cpu")
+    return cfg, args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    t_start = time.time()
+    cfg, args = parse_config(argv)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     notes = []
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        notes.append("transformers not installed: HF SwitchTransformersSparseMLP skipped")
+    if "hf" in cfg.methods:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            notes.append("transformers not installed: HF SwitchTransformersSparseMLP skipped")
+    device_name = torch.cuda.get_device_name(0) if cfg.device == "cuda" else cpu_name()
+    precision = ("bfloat16 autocast (router float32, weights float32)" if cfg.dtype == "bfloat16"
+                 else f"float32 (matmul precision {cfg.matmul_precision})")
+    timer = "cuda events" if cfg.device == "cuda" else "time.perf_counter"
+    print(f"{device_name}, {os.cpu_count()} cores")
+    print(f"device={cfg.device} threads={torch.get_num_threads()} torch={torch.__version__} {precision}, "
+          f"d={cfg.d_model} f={cfg.d_expert}, forward+backward, median of {cfg.repeats} interleaved "
+          f"repeats ({timer}){', + torch.compile' if cfg.compile else ''}")
+    names = [m for m in ("ec", "top1", "top2", "onehot") if m in cfg.methods]
+    names += [f"{m}_compiled" for m in COMPILABLE if cfg.compile and (m == "dense" or m in cfg.methods)]
+    print(f"{'n':>6} {'e':>3} {'c':>4} {'dense ms':>9} " + " ".join(f"{m:>{max(7, len(m))}}" for m in names))
     rows = []
-    print(f"{cpu_name() if cfg.device == 'cpu' else torch.cuda.get_device_name(0)}, {os.cpu_count()} cores")
-    print(f"device={cfg.device} threads={torch.get_num_threads()} torch={torch.__version__} fp32, "
-          f"d={cfg.d_model} f={cfg.d_expert}, forward+backward, median of {cfg.repeats} interleaved repeats")
-    header = f"{'n':>6} {'e':>3} {'c':>4} {'dense ms':>9} {'EC':>7} {'top1':>7} {'top2':>7} {'onehot':>8} {'onehot/EC':>9}"
-    print(header)
     for n in cfg.tokens:
         for e in cfg.experts:
             for c in cfg.capacity_factors:
                 row = bench_case(cfg, n, e, c, notes)
                 rows.append(row)
-                onehot = f"{row['onehot_vs_dense']:7.2f}x" if "onehot_ms" in row else f"{'skip':>8}"
-                ratio = f"{row['onehot_over_ec']:8.1f}x" if "onehot_ms" in row else f"{'-':>9}"
-                print(f"{n:>6} {e:>3} {c:>4} {row['dense_ms']:9.1f} {row['ec_vs_dense']:6.2f}x "
-                      f"{row['top1_vs_dense']:6.2f}x {row['top2_vs_dense']:6.2f}x {onehot} {ratio}", flush=True)
+                cells = [f"{row[m + '_vs_dense']:{max(7, len(m)) - 1}.2f}x" if m + "_vs_dense" in row
+                         else f"{'skip':>{max(7, len(m))}}" for m in names]
+                print(f"{n:>6} {e:>3} {c:>4} {row['dense_ms']:9.2f} " + " ".join(cells), flush=True)
                 if "hf_switch_top1_ms" in row:
                     print(f"{'':>15} HF SwitchTransformersSparseMLP: {row['hf_switch_top1_vs_dense']:.2f}x dense")
-    print("(columns after 'dense ms' are time / dense time)")
+    print("(columns after 'dense ms' are time / eager dense time)")
     for note in notes:
         print("note:", note)
-    targets = check_targets(rows) if not args.quick else []
+    targets = check_targets(rows) if not args.quick and cfg.dtype == "float32" else []
     for text, ok in targets:
         print(f"target {'met ' if ok else 'MISSED'}: {text}")
+    result = dict(command=shlex.join(["python", "bench.py", *argv]), hardware=dict(
+                      machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
+                      python=platform.python_version(),
+                      cuda=torch.cuda.get_device_name(0) if cfg.device == "cuda" else None,
+                      cuda_version=torch.version.cuda if cfg.device == "cuda" else None),
+                  torch=torch.__version__, threads=torch.get_num_threads(), dtype=cfg.dtype,
+                  precision=precision, timer=timer, config=asdict(cfg), rows=rows, notes=notes,
+                  targets=[dict(target=t, met=ok) for t, ok in targets], wall_s=time.time() - t_start)
+    try:
+        import transformers
+        result["hardware"]["transformers"] = transformers.__version__
+    except ImportError:
+        pass
     if args.json:
-        hardware = dict(machine=platform.machine(), processor=cpu_name(),
-                        cpu_count=os.cpu_count(), python=platform.python_version(),
-                        cuda=torch.cuda.get_device_name(0) if cfg.device == "cuda" else None)
-        try:
-            import transformers
-            hardware["transformers"] = transformers.__version__
-        except ImportError:
-            pass
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
-            json.dump(dict(hardware=hardware, torch=torch.__version__, threads=torch.get_num_threads(),
-                           dtype="float32", config=asdict(cfg), rows=rows, notes=notes,
-                           targets=[dict(target=t, met=ok) for t, ok in targets]), fh, indent=2)
+            json.dump(result, fh, indent=2)
         print("wrote", args.json)
+    return result
 
 
 if __name__ == "__main__":

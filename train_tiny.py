@@ -129,7 +129,9 @@ class Config:
     group_size: int = _f(0, "routing group of the lm / t5-decoder MoE layers: position groups of "
                          "this many sequences (must divide --batch-size); 0 = the whole batch")
     lr: float = _f(3e-3, "peak learning rate")
-    warmup: int = _f(50, "linear warmup steps, then inverse-sqrt decay")
+    warmup: int = _f(50, "linear warmup steps to --lr")
+    decay_start: int = _f(0, "constant --lr until this step, then inverse-square-root decay "
+                          "(the paper's schedule shape); 0 = decay right after the warmup")
     cap_iters: int = _f(100, "Dykstra sweeps of the EC-CAP solver per forward (cap2/cap3); "
                         "fewer than ecmoe's 1000: see assets/capped_solver_report.txt")
     aux_loss_weight: float = _f(0.01, "Switch load-balancing loss weight (token choice only)")
@@ -167,7 +169,7 @@ DRY_RUN = dict(steps=2, eval_every=1, val_batches=2, batch_size=4, chunk_bytes=4
 # Fields that change the result of a run (a checkpoint made with other values cannot be resumed).
 RESULT_FIELDS = ("arch", "steps", "eval_every", "val_batches", "batch_size", "chunk_bytes",
                  "noise_density", "mean_span", "d_model", "d_ff", "n_heads", "enc_layers",
-                 "dec_layers", "experts", "group_size", "lr", "warmup", "cap_iters",
+                 "dec_layers", "experts", "group_size", "lr", "warmup", "decay_start", "cap_iters",
                  "aux_loss_weight", "z_loss_weight", "decoder_router", "decoder_group",
                  "encoder_group", "data")
 
@@ -244,8 +246,8 @@ def validate(cfg, parser):
         parser.error("--noise-density must be in (0, 1) and --mean-span >= 1")
     if cfg.chunk_bytes < 8:
         parser.error("--chunk-bytes must be >= 8")
-    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.stop_after < 0:
-        parser.error("--lr must be > 0, --warmup and --stop-after >= 0")
+    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.decay_start < 0 or cfg.stop_after < 0:
+        parser.error("--lr must be > 0, --warmup, --decay-start and --stop-after >= 0")
     for name, ok in (("arch", ARCHS), ("preset", ("cpu", "gpu")), ("device", ("cpu", "cuda")),
                      ("decoder_router", ("same", "token")),
                      ("decoder_group", ecmoe.GROUPS), ("encoder_group", ecmoe.GROUPS)):
@@ -654,9 +656,11 @@ def init_weights(model, seed):
 
 
 def lr_at(step, cfg):
-    """Linear warmup to cfg.lr, then inverse-square-root decay (step counts from 1)."""
+    """Linear warmup to cfg.lr, constant until decay_start, then inverse-square-root decay
+    (step counts from 1). The paper: constant for 10K steps, then inverse-sqrt (Sec. 3)."""
     s, w = step + 1, max(cfg.warmup, 1)
-    return cfg.lr * min(s / w, math.sqrt(w / s))
+    d = max(cfg.decay_start, w)
+    return cfg.lr * min(s / w, 1.0, math.sqrt(d / s))
 
 
 def loss_fn(model, batch, cfg):

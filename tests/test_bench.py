@@ -1,0 +1,133 @@
+"""bench.py: command-line behaviour (clear errors, --quick vs explicit flags) and the JSON it writes.
+
+Timings are never asserted (they depend on the machine); only that every requested method was
+timed and the report says how (device, dtype, timer, compile). Sizes are tiny: these run in seconds.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+
+TINY = ["--tokens", "64", "--experts", "4", "--capacity-factors", "2", "--d-model", "16",
+        "--d-expert", "32", "--repeats", "2", "--onehot-repeats", "1"]
+
+
+def run_bench(argv, tmp_path):
+    """bench.main(argv + --json) -> the JSON it wrote."""
+    path = tmp_path / "bench.json"
+    bench.main([*argv, "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def expect_usage_error(argv, capsys, *fragments):
+    """bench.main(argv) exits with argparse's status 2 and a message containing every fragment."""
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+# ----------------------------------------------------------------------------- bad flags
+@pytest.mark.parametrize("argv, fragments", [
+    (["--experts", "0"], ["--experts", "integer >= 2"]),
+    (["--experts", "4", "1"], ["--experts", "integer >= 2"]),
+    (["--tokens", "-5"], ["--tokens", "integer >= 1"]),
+    (["--tokens", "many"], ["--tokens", "integer >= 1"]),
+    (["--capacity-factors", "0"], ["--capacity-factors", "finite number > 0"]),
+    (["--capacity-factors", "nan"], ["--capacity-factors", "finite number > 0"]),
+    (["--d-model", "0"], ["--d-model", "integer >= 1"]),
+    (["--d-expert", "0"], ["--d-expert", "integer >= 1"]),
+    (["--repeats", "0"], ["--repeats", "integer >= 1"]),
+    (["--onehot-repeats", "0"], ["--onehot-repeats", "integer >= 1"]),
+    (["--onehot-max-gb", "-1"], ["--onehot-max-gb", "finite number >= 0"]),
+    (["--onehot-max-gflop", "inf"], ["--onehot-max-gflop", "finite number >= 0"]),
+    (["--threads", "-1"], ["--threads", "integer >= 0"]),
+    (["--seed", "-1"], ["--seed", "integer >= 0"]),
+    (["--dtype", "float8"], ["--dtype", "invalid choice"]),
+    (["--methods", "bogus"], ["--methods", "invalid choice"]),
+])
+def test_bad_flag_is_a_usage_error_naming_the_flag(argv, fragments, capsys):
+    """Every numeric flag out of range (or unparsable) is an argparse error naming it and the range."""
+    expect_usage_error(argv, capsys, *fragments)
+
+
+def test_bad_flag_from_the_command_line_prints_no_traceback():
+    """`python bench.py --experts 0` exits 2 with a one-line usage error, not a traceback."""
+    proc = subprocess.run([sys.executable, "bench.py", "--experts", "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "argument --experts" in proc.stderr and ">= 2" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(capsys):
+    """--device cuda where torch sees no GPU says so instead of a CUDA traceback."""
+    expect_usage_error(["--quick", "--device", "cuda"], capsys, "--device cuda", "no CUDA device")
+
+
+# ----------------------------------------------------------------------------- --quick
+def test_quick_keeps_explicit_flags(tmp_path):
+    """--quick only fills the flags that were not given: --experts/--tokens/--d-model win."""
+    result = run_bench(["--quick", "--experts", "2", "--tokens", "32", "--d-model", "8",
+                        "--methods", "ec", "--device", "cpu"], tmp_path)
+    assert [(row["n"], row["e"]) for row in result["rows"]] == [(32, 2)]
+    assert result["config"]["d_model"] == 8
+    assert result["config"]["d_expert"] == bench.QUICK["d_expert"]  # not given: --quick's value
+
+
+def test_quick_alone_uses_the_quick_config(tmp_path):
+    """--quick with no other size flag runs exactly the QUICK sizes."""
+    result = run_bench(["--quick", "--methods", "ec", "--device", "cpu"], tmp_path)
+    config = result["config"]
+    for name, value in bench.QUICK.items():
+        if name != "methods":
+            assert config[name] == value, name
+
+
+# ----------------------------------------------------------------------------- the JSON report
+def test_json_has_every_method_and_how_it_was_timed(tmp_path):
+    """The JSON names device, dtype, timer and versions, and has a median per method per case."""
+    result = run_bench([*TINY, "--device", "cpu"], tmp_path)
+    assert {"hardware", "torch", "threads", "dtype", "timer", "config", "rows", "notes",
+            "command", "wall_s"} <= set(result)
+    assert result["dtype"] == "float32" and result["timer"] == "time.perf_counter"
+    (row,) = result["rows"]
+    assert (row["n"], row["e"], row["c"], row["k"]) == (64, 4, 2.0, 32)
+    for name in ("dense", "ec", "top1", "top2", "onehot"):
+        assert row[f"{name}_ms"] > 0, name
+    for name in ("ec", "top1", "top2", "onehot"):
+        assert row[f"{name}_vs_dense"] == pytest.approx(row[f"{name}_ms"] / row["dense_ms"])
+
+
+def test_methods_flag_selects_methods(tmp_path):
+    """--methods ec times dense (the yardstick, always) and EC only."""
+    (row,) = run_bench([*TINY, "--device", "cpu", "--methods", "ec"], tmp_path)["rows"]
+    assert {key[:-3] for key in row if key.endswith("_ms") and "_min" not in key} == {"dense", "ec"}
+
+
+def test_bfloat16_autocast_runs(tmp_path):
+    """--dtype bfloat16 runs every method under bf16 autocast (here on CPU) and says so."""
+    result = run_bench([*TINY, "--device", "cpu", "--dtype", "bfloat16"], tmp_path)
+    assert result["dtype"] == "bfloat16"
+    assert "autocast" in result["precision"]
+    assert result["rows"][0]["ec_ms"] > 0
+
+
+@pytest.mark.slow
+def test_compile_tiny_on_cpu(tmp_path):
+    """--compile adds torch.compile'd variants (or skips them with a note saying why)."""
+    result = run_bench(["--quick", "--device", "cpu", "--methods", "ec", "--tokens", "64",
+                        "--repeats", "2", "--compile"], tmp_path)
+    row = result["rows"][0]
+    if "ec_compiled_ms" in row:
+        assert row["ec_compiled_ms"] > 0 and row["ec_compiled_compile_s"] > 0
+        assert "dense_compiled_ms" in row
+    else:
+        assert any("compile" in note for note in result["notes"]), result["notes"]

@@ -1,0 +1,193 @@
+"""GPU checks at realistic sizes, and the plumbing of gpu_check.py.
+
+- the NumPy reference run on CuPy arrays equals ecmoe on CUDA in float64 (n=2048, e=16, d=256);
+- ecmoe forward+backward on CUDA in float32 and under bf16 autocast matches CPU float64;
+- bench.py times on CUDA with CUDA events, in float32 and bf16 autocast;
+- gpu_check.py --dry-run writes a report listing every stage, without touching assets/.
+The GPU tests are marked `gpu` and skip cleanly without CUDA / CuPy (tests/conftest.py); the small
+models of tests/test_ecmoe.py and tests/test_reference.py already cover CuPy on tiny shapes.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import ecmoe
+import gpu_check
+import reference_numpy as ref
+from conftest import requires_cuda, requires_cupy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- GPU: CuPy reference
+@pytest.mark.gpu
+@requires_cuda
+@requires_cupy
+@pytest.mark.parametrize("router, capacity_factor", [("expert_choice", 2.0), ("top1", 1.0), ("top2", 2.0)])
+def test_cupy_reference_equals_cuda_layer_at_realistic_size(router, capacity_factor):
+    """Reference on CuPy == MoE on CUDA in float64 (n=2048, e=16, d=256): routing exactly, y to 1e-10."""
+    import cupy as cp
+    n, e, d, f = 2048, 16, 256, 512
+    torch.manual_seed(0)
+    layer = ecmoe.MoE(d, f, e, router=router, capacity_factor=capacity_factor, group="batch")
+    layer = layer.double().cuda()
+    x = torch.randn(1, n, d, dtype=torch.float64, device="cuda")  # one group of n tokens
+    y_module = layer(x).y[0]  # [n, d]
+    _, index_module = layer.route(ecmoe.router_probs(x, layer.w_router))  # [1, e, k]
+
+    torch.cuda.synchronize()  # CuPy reads torch's memory directly (zero-copy views)
+    w = {name: cp.asarray(p.detach()) for name, p in layer.named_parameters()}
+    x_cp = cp.asarray(x[0])
+    probs = ref.router_probs(x_cp, w["w_router"])  # [n, e]
+    k = ref.expert_capacity(n, e, capacity_factor)
+    if router == "expert_choice":
+        gates, index = ref.expert_choice(probs, k)
+    else:
+        gates, index = ref.token_choice(probs, 1 if router == "top1" else 2, k)
+    y = ref.moe_ffn(x_cp, gates, index, w["w_in"], w["w_out"])
+    assert isinstance(y, cp.ndarray) and isinstance(index, cp.ndarray)  # CuPy in, CuPy out
+    np.testing.assert_array_equal(index_module[0].cpu().numpy(), cp.asnumpy(index))
+    np.testing.assert_allclose(y_module.detach().cpu().numpy(), cp.asnumpy(y), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- GPU: fp32 / bf16
+def forward_backward(layer, x, grad_y, autocast=False):
+    """(y, {name: grad}) of sum(y * grad_y), the forward under CUDA bf16 autocast if asked."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    (out.y.float() * grad_y).sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    grads["x"] = x.grad
+    return out.y.detach(), grads
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("router", ["expert_choice", "top2"])
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
+def test_cuda_forward_backward_matches_cpu_float64(router, precision):
+    """MoE on CUDA (fp32, or bf16 autocast) gives the CPU float64 outputs and gradients, loosely."""
+    torch.manual_seed(0)
+    B, T, d, f, e = 4, 128, 128, 256, 8
+    truth = ecmoe.MoE(d, f, e, router=router, capacity_factor=2.0, group="batch").double()
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    grad_y = torch.randn(B, T, d, dtype=torch.float64)
+    y64, g64 = forward_backward(truth, x, grad_y)
+    layer = ecmoe.MoE(d, f, e, router=router, capacity_factor=2.0, group="batch").cuda()
+    layer.load_state_dict({k: v.float() for k, v in truth.state_dict().items()})
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: compare plain fp32
+    try:
+        # routing runs in float32 even under autocast: it must pick the same tokens as float64
+        index64 = truth.route(ecmoe.router_probs(truth.group_tokens(x), truth.w_router))[1]
+        x32 = x.float().cuda()
+        index32 = layer.route(ecmoe.router_probs(layer.group_tokens(x32), layer.w_router))[1]
+        assert torch.equal(index32.cpu(), index64), "fp32 routing differs from fp64 (a near-tie?)"
+        y, grads = forward_backward(layer, x32, grad_y.float().cuda(), autocast=precision != "float32")
+    finally:
+        torch.set_float32_matmul_precision(old)
+    rel_y, rel_grad = (1e-4, 1e-4) if precision == "float32" else (3e-2, 5e-2)  # of the largest value
+    torch.testing.assert_close(y.double().cpu(), y64, rtol=0, atol=rel_y * float(y64.abs().max()))
+    for name, g in g64.items():
+        torch.testing.assert_close(grads[name].double().cpu(), g, rtol=0, atol=rel_grad * float(g.abs().max()),
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_on_cuda(dtype, tmp_path):
+    """bench.py --device cuda times every method with CUDA events and records peak memory."""
+    path = tmp_path / "bench.json"
+    bench.main(["--quick", "--device", "cuda", "--dtype", dtype, "--methods", "ec", "top1", "top2",
+                "onehot", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["timer"] == "cuda events" and result["dtype"] == dtype
+    assert result["hardware"]["cuda"] == torch.cuda.get_device_name(0)
+    (row,) = result["rows"]
+    for name in ("dense", "ec", "top1", "top2", "onehot"):
+        assert row[f"{name}_ms"] > 0 and row[f"{name}_peak_mb"] > 0, name
+
+
+# ----------------------------------------------------------------------------- gpu_check plumbing
+def test_projection_borrows_measured_routers():
+    """The GPU-preset projection uses measured s/step, and names every borrowed one."""
+    import train_tiny
+    rows = {"top2": dict(s_per_step=0.2), "ec2": dict(s_per_step=0.1), "dense": dict(s_per_step=0.05)}
+    res = dict(wall_time_s=100.0, train_time_sum_s=50.0, runs=[dict(val_step=[75, 150, 200])] * 3)
+    proj = gpu_check.projection(rows, res, dry_run=False)
+    routers = [r for r in train_tiny.GPU_PRESET["routers"].split(",") if r]
+    assert proj["routers"] == routers
+    for r in routers:
+        measured, factor = gpu_check.stand_in(r)
+        expected = rows[r]["s_per_step"] if r in rows else rows[measured]["s_per_step"] * factor
+        assert proj["s_per_step"][r] == pytest.approx(expected), r
+        assert (r in proj["assumed"]) == (r not in rows)
+    runs = proj["seeds"] * len(routers)
+    expected = sum(proj["s_per_step"].values()) * proj["steps"] * proj["seeds"] / min(proj["workers"], runs)
+    assert proj["projected_train_s"] == pytest.approx(expected)
+    assert proj["overhead_s_per_validation"] == pytest.approx(50.0 / 9)
+    assert proj["projected_wall_upper_s"] > proj["projected_train_s"]
+
+
+def test_train_summary_reads_progress_of_a_cut_run(tmp_path):
+    """A train_tiny run stopped by the time limit still yields s/step from its progress lines."""
+    log = ("[run  1/3          top2 s0] step    75/200 train 3.1  val 3.2  0.120 s/step  elapsed 0:09\n"
+           "[run  1/3          top2 s0] step   150/200 train 2.9  val 3.0  0.110 s/step  elapsed 0:17\n"
+           "[run  2/3           ec2 s0] step    75/200 train 3.0  val 3.1  0.090 s/step  elapsed 0:26\n")
+    _, rows = gpu_check.train_summary(tmp_path, log)
+    assert rows["top2"]["s_per_step"] == 0.110 and rows["top2"]["last_step"] == 150
+    assert rows["ec2"]["s_per_step"] == 0.090 and set(rows) == {"top2", "ec2"}
+
+
+def test_stage_records_failure_and_timeout_with_output(tmp_path):
+    """A stage that exits non-zero is 'failed', one over its limit is killed and 'timeout'; both keep output."""
+    failed = gpu_check.run_stage("x", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], 60,
+                                 tmp_path / "failed.log")
+    assert failed["status"] == "failed" and failed["returncode"] == 3 and "boom" in failed["tail"]
+    slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    timeout = gpu_check.run_stage("y", slow, 2, tmp_path / "timeout.log")
+    assert timeout["status"] == "timeout" and "started" in timeout["tail"] and timeout["wall_s"] < 30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal on a machine without CUDA")
+def test_gpu_check_without_cuda_refuses_and_writes_nothing(tmp_path, capsys):
+    """Without --dry-run and without CUDA, gpu_check stops with a clear error and writes nothing."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        gpu_check.main(["--out", str(out)])
+    assert info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_a_report_with_every_stage(tmp_path):
+    """`gpu_check.py --dry-run` runs every stage on CPU and writes report.md + raw results."""
+    committed = ROOT / "assets" / "gpu"
+    before = {p: p.stat().st_mtime for p in committed.rglob("*")} if committed.exists() else None
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, "gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "gpu_check.json").read_text())
+    names = [stage[0] for stage in gpu_check.stages(True, out, out / "train")]
+    assert list(summary["stages"]) == names
+    for name in names:
+        assert f"| {name} |" in report and f"### {name}:" in report, name
+        status = summary["stages"][name]["status"]
+        assert status == "passed" or name == "nvidia-smi", (name, status)  # no GPU: smi may fail
+    for name in ("bench_fp32", "bench_tf32", "bench_bf16", "bench_compile"):
+        assert summary["bench"][name]["rows"], name
+    assert summary["pytest_counts"]["failures"] == 0 and summary["pytest_counts"]["errors"] == 0
+    assert set(summary["train"]["rows"]) == set(gpu_check.TRAIN_ROUTERS.split(","))
+    assert (out / "train_tiny" / "results.json").exists() and (out / "env.json").exists()
+    after = {p: p.stat().st_mtime for p in committed.rglob("*")} if committed.exists() else None
+    assert after == before  # the dry run leaves assets/gpu alone
