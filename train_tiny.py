@@ -108,7 +108,7 @@ class Config:
                    "t5 fills the flags you did not give from T5_PRESET")
     preset: str = _f("auto", "cpu | gpu | auto (gpu when the device is CUDA); gpu overrides the "
                      "model/step defaults below with GPU_PRESET unless a flag is given")
-    routers: str = _f("top1,top2,ec1,ec2,dense,top2_aa",
+    routers: str = _f("top2,ec2,dense,top2_aa",
                       "comma list from " + ",".join(ALL_ROUTERS) + ", and ROUTER_aa (null "
                       "control). cap2/cap3 run a Dykstra solver per forward: 2-3.5x slower on CPU")
     seeds: str = _f("0,1,2", "comma list of integer seeds (init + data order; paired across "
@@ -117,7 +117,7 @@ class Config:
     eval_every: int = _f(50, "validate every N steps (and at the last step)")
     val_batches: int = _f(16, "fixed held-out batches per validation (same for every run)")
     batch_size: int = _f(32, "sequences per batch (validation uses the same, see evaluate())")
-    chunk_bytes: int = _f(128, "bytes per example (lm: the sequence; t5: before corruption)")
+    chunk_bytes: int = _f(64, "bytes per example (lm: the sequence; t5: before corruption)")
     noise_density: float = _f(0.15, "t5 span corruption: fraction of bytes masked")
     mean_span: float = _f(3.0, "t5 span corruption: mean noise span length")
     d_model: int = _f(64, "model width d")
@@ -130,7 +130,7 @@ class Config:
                          "this many sequences (must divide --batch-size); 0 = the whole batch")
     lr: float = _f(3e-3, "peak learning rate")
     warmup: int = _f(50, "linear warmup steps to --lr")
-    decay_start: int = _f(0, "constant --lr until this step, then inverse-square-root decay "
+    decay_start: int = _f(300, "constant --lr until this step, then inverse-square-root decay "
                           "(the paper's schedule shape); 0 = decay right after the warmup")
     cap_iters: int = _f(100, "Dykstra sweeps of the EC-CAP solver per forward (cap2/cap3); "
                         "fewer than ecmoe's 1000: see assets/capped_solver_report.txt")
@@ -156,15 +156,16 @@ class Config:
 
 
 # The T5 setting of the first release (its results: assets/t5_*). Used for the flags not given.
-T5_PRESET = dict(steps=320, eval_every=20, chunk_bytes=96, experts=8, warmup=30)
+T5_PRESET = dict(steps=320, eval_every=20, chunk_bytes=96, experts=8, warmup=30, decay_start=0)
 # Larger preset for one CUDA GPU. Sized from s/step measured by gpu_check.py (assets/gpu/) where
 # a report exists; check `s/step` in results.md.
 GPU_PRESET = dict(steps=1500, eval_every=75, val_batches=16, batch_size=64, chunk_bytes=256,
                   d_model=256, d_ff=1024, n_heads=4, enc_layers=6, dec_layers=6, experts=16,
-                  lr=2e-3, warmup=150, workers=1,
+                  lr=2e-3, warmup=150, decay_start=750, workers=1,
                   routers=",".join(r for r in ALL_ROUTERS) + ",top2_aa")
 DRY_RUN = dict(steps=2, eval_every=1, val_batches=2, batch_size=4, chunk_bytes=48, d_model=32,
-               d_ff=32, n_heads=2, enc_layers=2, dec_layers=2, experts=4, warmup=1, workers=1,
+               d_ff=32, n_heads=2, enc_layers=2, dec_layers=2, experts=4, warmup=1, decay_start=0,
+               workers=1,
                seeds="0,1", routers=",".join(ALL_ROUTERS) + ",top2_aa", out="runs/dry_run")
 # Fields that change the result of a run (a checkpoint made with other values cannot be resumed).
 RESULT_FIELDS = ("arch", "steps", "eval_every", "val_batches", "batch_size", "chunk_bytes",
