@@ -575,7 +575,17 @@ class MoE(nn.Module):
         if self.router == "expert_choice":
             return expert_choice(probs, k, validate=False)
         if self.router == "capped_expert_choice":
-            return capped_expert_choice(probs, k, self.max_experts_per_token, self.entropy_weight,
+            b = self.max_experts_per_token
+            if b * n < k * e:  # name the routing group and what would fix it
+                c_max = (b * n // e) * e / n  # largest c with ceil(n*c/e)*e <= n*b (0: none)
+                raise ValueError(
+                    f"capped_expert_choice is infeasible in routing groups of n={n} tokens "
+                    f"(group={self.group!r}): k = ceil(n*c/e) = {k} slots for each of the {e} "
+                    f"experts need k*e = {k * e} > n*b = {n * b}. Use a larger routing group "
+                    f"(group='batch' or more sequences per batch), max_experts_per_token >= "
+                    f"{math.ceil(k * e / n)}" + (f", or capacity_factor <= {c_max:g}" if c_max
+                                                  else ""))
+            return capped_expert_choice(probs, k, b, self.entropy_weight,
                                         self.max_iter, self.tol, validate=False)
         if self.router == "top2_dropless":
             # Slots per expert = the largest demand of any expert, so nothing is dropped. This

@@ -397,7 +397,7 @@ def test_layer_matches_reference_float64(router, group, B, T, seed):
     x = torch.randn(B, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     if router == "capped_expert_choice" and group == "position" and B == 1:
         # groups of 1 token: k=1 for each of e=4 experts, but the cap allows only b*n = 2 slots
-        with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):
+        with pytest.raises(ValueError, match="infeasible in routing groups of n=1 tokens"):
             layer(x)
         return
     torch.manual_seed(seed)  # top2_gshard draws from the global generator
@@ -591,6 +591,22 @@ def test_bad_layer_inputs_raise_clear_errors():
         layer(torch.full((2, 3, 8), float("nan")))
 
 
+def test_infeasible_cap_error_names_the_group_and_the_fixes():
+    """The README's own capped example at its defaults (8 sequences in position groups, 32
+    experts, c = b = 2) fails with an error naming the routing-group size and what would fix it;
+    where a lower capacity factor would do, it names the largest one."""
+    layer = ecmoe.MoE(256, 16, 32, router="capped_expert_choice", group="position")
+    with pytest.raises(ValueError, match=r"n=8 tokens \(group='position'\).*larger routing group"
+                                         r".*max_experts_per_token >= 4$"):
+        layer(torch.randn(8, 2, 256))
+    small = ecmoe.MoE(16, 8, 4, router="capped_expert_choice", group="position")
+    with pytest.raises(ValueError, match=r"n=3 tokens.*capacity_factor <= 1\.33333"):
+        small(torch.randn(3, 2, 16))
+    # and that capacity factor is indeed feasible there
+    ecmoe.MoE(16, 8, 4, router="capped_expert_choice", group="position",
+              capacity_factor=4 / 3)(torch.randn(3, 2, 16))
+
+
 def test_bad_constructor_arguments_raise():
     """Unknown router/group, bad capacity_factor and infeasible caps are ValueErrors."""
     with pytest.raises(ValueError, match="router must be one of"):
@@ -602,7 +618,7 @@ def test_bad_constructor_arguments_raise():
             ecmoe.MoE(8, 16, 4, capacity_factor=c)
     with pytest.raises(ValueError, match="capacity_factor must be <= max_experts_per_token"):
         ecmoe.MoE(8, 16, 4, router="capped_expert_choice", capacity_factor=3.0, max_experts_per_token=2)
-    with pytest.raises(ValueError, match="max_experts_per_token=2 is infeasible"):  # 1 token, 4 experts
+    with pytest.raises(ValueError, match="infeasible in routing groups of n=1 tokens"):  # 4 experts
         make_layer("capped_expert_choice", "position", e=4, c=1.0)(torch.randn(1, 3, 8))
     for router in ("top2", "top2_dropless", "top2_gshard"):
         with pytest.raises(ValueError, match=f"n_experts must be >= 2 for router='{router}'"):
