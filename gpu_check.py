@@ -167,10 +167,11 @@ def pytest_counts(xml_path):
 
 
 def train_summary(train_out, log_text):
-    """s/step per router from results.json (summary[router]["s_per_step"]), else from the log."""
+    """s/step per router from results.json (analysis.routers[router].s_per_step), else from the
+    per-run records, else from the progress log."""
     res = read_json(Path(train_out) / "results.json") or {}
     rows = {}
-    for router, row in (res.get("summary") or {}).items():
+    for router, row in ((res.get("analysis") or {}).get("routers") or {}).items():
         if isinstance(row, dict) and isinstance(row.get("s_per_step"), (int, float)):
             final = row.get("final_val")
             rows[router] = dict(s_per_step=row["s_per_step"], tokens_per_s=row.get("tokens_per_s"),
