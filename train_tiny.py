@@ -132,6 +132,8 @@ class Config:
     warmup: int = _f(50, "linear warmup steps to --lr")
     decay_start: int = _f(300, "constant --lr until this step, then inverse-square-root decay "
                           "(the paper's schedule shape); 0 = decay right after the warmup")
+    cooldown: int = _f(150, "linear decay of the learning rate to 0 over the last N steps (the end "
+                       "of a warmup-stable-decay schedule); 0 = off")
     cap_iters: int = _f(100, "Dykstra sweeps of the EC-CAP solver per forward (cap2/cap3); "
                         "fewer than ecmoe's 1000: see assets/capped_solver_report.txt")
     aux_loss_weight: float = _f(0.01, "Switch load-balancing loss weight (token choice only)")
@@ -156,21 +158,23 @@ class Config:
 
 
 # The T5 setting of the first release (its results: assets/t5_*). Used for the flags not given.
-T5_PRESET = dict(steps=320, eval_every=20, chunk_bytes=96, experts=8, warmup=30, decay_start=0)
+T5_PRESET = dict(steps=320, eval_every=20, chunk_bytes=96, experts=8, warmup=30, decay_start=0,
+                 cooldown=0)
 # Larger preset for one CUDA GPU. Sized from s/step measured by gpu_check.py (assets/gpu/) where
 # a report exists; check `s/step` in results.md.
 GPU_PRESET = dict(steps=1500, eval_every=75, val_batches=16, batch_size=64, chunk_bytes=256,
                   d_model=256, d_ff=1024, n_heads=4, enc_layers=6, dec_layers=6, experts=16,
-                  lr=2e-3, warmup=150, decay_start=750, workers=1,
+                  lr=2e-3, warmup=150, decay_start=750, cooldown=300, workers=1,
                   routers=",".join(r for r in ALL_ROUTERS) + ",top2_aa")
 DRY_RUN = dict(steps=2, eval_every=1, val_batches=2, batch_size=4, chunk_bytes=48, d_model=32,
                d_ff=32, n_heads=2, enc_layers=2, dec_layers=2, experts=4, warmup=1, decay_start=0,
-               workers=1,
+               cooldown=0, workers=1,
                seeds="0,1", routers=",".join(ALL_ROUTERS) + ",top2_aa", out="runs/dry_run")
 # Fields that change the result of a run (a checkpoint made with other values cannot be resumed).
 RESULT_FIELDS = ("arch", "steps", "eval_every", "val_batches", "batch_size", "chunk_bytes",
                  "noise_density", "mean_span", "d_model", "d_ff", "n_heads", "enc_layers",
-                 "dec_layers", "experts", "group_size", "lr", "warmup", "decay_start", "cap_iters",
+                 "dec_layers", "experts", "group_size", "lr", "warmup", "decay_start", "cooldown",
+                 "cap_iters",
                  "aux_loss_weight", "z_loss_weight", "decoder_router", "decoder_group",
                  "encoder_group", "data")
 
@@ -247,8 +251,8 @@ def validate(cfg, parser):
         parser.error("--noise-density must be in (0, 1) and --mean-span >= 1")
     if cfg.chunk_bytes < 8:
         parser.error("--chunk-bytes must be >= 8")
-    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.decay_start < 0 or cfg.stop_after < 0:
-        parser.error("--lr must be > 0, --warmup, --decay-start and --stop-after >= 0")
+    if cfg.lr <= 0 or min(cfg.warmup, cfg.decay_start, cfg.cooldown, cfg.stop_after) < 0:
+        parser.error("--lr must be > 0, --warmup, --decay-start, --cooldown and --stop-after >= 0")
     for name, ok in (("arch", ARCHS), ("preset", ("cpu", "gpu")), ("device", ("cpu", "cuda")),
                      ("decoder_router", ("same", "token")),
                      ("decoder_group", ecmoe.GROUPS), ("encoder_group", ecmoe.GROUPS)):
@@ -658,10 +662,12 @@ def init_weights(model, seed):
 
 def lr_at(step, cfg):
     """Linear warmup to cfg.lr, constant until decay_start, then inverse-square-root decay
-    (step counts from 1). The paper: constant for 10K steps, then inverse-sqrt (Sec. 3)."""
+    (step counts from 1; the paper: constant for 10K steps, then inverse-sqrt, Sec. 3); times a
+    linear cooldown to 0 over the last cfg.cooldown steps, if any."""
     s, w = step + 1, max(cfg.warmup, 1)
     d = max(cfg.decay_start, w)
-    return cfg.lr * min(s / w, 1.0, math.sqrt(d / s))
+    cool = min(1.0, (cfg.steps - step) / cfg.cooldown) if cfg.cooldown else 1.0
+    return cfg.lr * min(s / w, 1.0, math.sqrt(d / s)) * cool
 
 
 def loss_fn(model, batch, cfg):
