@@ -3,6 +3,7 @@
     python compare.py runs/tiny                 # verdict + tables of a (finished or partial) run
     python compare.py runs/tiny --markdown      # the results.md text
     python compare.py runs/tiny --plot out.png  # curves and paired differences
+    python compare.py runs/tiny --write         # recompute the analysis into results.json/md/png
 
 A run directory holds one JSON per (router, seed) under runs/ (train_tiny writes them as each run
 finishes) and, once all are done, results.json. Everything here reads only those files.
@@ -11,9 +12,13 @@ What is compared (challenger minus baseline, paired by seed: same initial weight
     matched pairs   EC-CF1 vs top-1; EC-CF2, EC-CAP2/3 vs top-2; EC-CF2 vs dropless top-2 and vs
                     GShard's random-second-expert top-2; GShard top-2 vs top-2.
     positive control  MoE (top-2, else EC-CF2) vs the FLOP-matched dense FFN: a difference the
-                    experiment must see. If its 95% CI touches zero, or its mean is not at least
-                    twice the seed-to-seed spread of the dense runs, the headline says
-                    "INCONCLUSIVE: this setting cannot tell routers apart".
+                    experiment must see. It passes when its 95% CI excludes zero AND its mean is
+                    at least twice its own seed-to-seed standard deviation (the sd over seeds of
+                    the paired differences: the noise of a paired comparison, so the gap shows in
+                    nearly every seed, not only on average). Otherwise the headline says
+                    "INCONCLUSIVE: this setting cannot tell routers apart". (The unpaired sd of
+                    the dense runs' final loss is printed beside it; pairing removes the part of
+                    it that every router of a seed shares.)
     null control    ROUTER_aa vs ROUTER: the same router and initial weights on another data order;
                     it must come out null. Every statistic is also computed with roles swapped.
 
@@ -165,10 +170,9 @@ def analyse(res):
     for a, b in POSITIVE:
         if a in by and b in by:
             p = paired(by[a], by[b])
-            sd_seed = out["noise"]["seed_sd"].get(b, math.nan)
             fd = p["final_diff"]
-            p.update(challenger=a, baseline=b, seed_sd=sd_seed,
-                     passed=bool(excludes(fd, 0.0) and abs(fd["mean"]) >= 2 * sd_seed))
+            p.update(challenger=a, baseline=b, seed_sd=out["noise"]["seed_sd"].get(b, math.nan),
+                     passed=bool(excludes(fd, 0.0) and abs(fd["mean"]) >= 2 * fd["sd"]))
             out["positive"] = p
             break
     for rt in by:
@@ -228,13 +232,14 @@ def verdict(res, a):
     elif not pos["passed"]:
         lines.append(f"INCONCLUSIVE: this setting cannot tell routers apart. The positive control "
                      f"{pos['challenger']} - dense = {_ci(pos['final_diff'])} is not clearly larger "
-                     f"than the seed-to-seed noise (sd of dense over seeds "
-                     f"{pos['seed_sd']:.4f}).")
+                     f"than its seed-to-seed noise (sd of the paired difference over seeds "
+                     f"{pos['final_diff']['sd']:.4f}; needs a 95% CI excluding 0 and |mean| >= "
+                     f"2 sd).")
     else:
         fd = pos["final_diff"]
-        lines.append(f"Positive control passed: {pos['challenger']} - dense = {_ci(fd)} "
-                     f"({abs(fd['mean']) / pos['seed_sd']:.1f}x the seed-to-seed sd of dense, "
-                     f"{pos['seed_sd']:.4f}).")
+        lines.append(f"Positive control passed: {pos['challenger']} - dense = {_ci(fd)}, "
+                     f"{abs(fd['mean']) / fd['sd']:.1f}x its seed-to-seed sd ({fd['sd']:.4f}; "
+                     f"unpaired sd of dense over seeds {pos['seed_sd']:.4f}).")
     for rt, p in a["null"].items():
         lines.append(f"Null control {'passed' if p['passed'] else 'FAILED'}: {rt} - "
                      f"{p['baseline']} = {_ci(p['final_diff'])}; step ratio at 75% of the steps "
@@ -280,7 +285,8 @@ def _header(res):
             f"Corpus: {res['corpus']['source']}, {res['corpus']['total_bytes']:,} bytes, sha256 "
             f"{res['corpus']['sha256'][:16]}...  ",
             f"Model: {model}, d={cfg['d_model']}, d_ff={cfg['d_ff']}, every other FFN MoE, "
-            f"{cfg['experts']} experts; routing: {groups}  "]
+            f"{cfg['experts']} experts; routing: {groups}  "] + (
+                [f"Statistics: {res['analysis_by']}  "] if res.get("analysis_by") else [])
 
 
 def markdown(res):
@@ -382,12 +388,13 @@ def plot(path, res):
         lo_, hi_ = np.nan_to_num(c["lo"], neginf=np.nan), np.nan_to_num(c["hi"], posinf=np.nan)
         bx.fill_between(c["step"], lo_, hi_, alpha=0.15, color=line.get_color())
     bx.axhline(0, color="black", lw=0.8)
-    bx.set(xlabel="training step", ylabel="paired difference in validation loss",
-           title="challenger - baseline, paired by seed (95% t band; < 0: challenger better)")
+    bx.set(xlabel="training step", ylabel="paired difference in val loss (< 0: challenger better)",
+           title="challenger - baseline, paired by seed (95% t band)")
     for x in (ax, bx):
         x.grid(alpha=0.3)
         x.legend(fontsize=7)
-    fig.suptitle(f"{res['config']['arch']}: " + a["verdict"][0][:110], fontsize=9)
+    import textwrap
+    fig.suptitle(textwrap.fill(f"{res['config']['arch']}: " + a["verdict"][0], 150), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,6 +434,8 @@ def main(argv=None):
     p.add_argument("run_dir", nargs="+", help="train_tiny --out directories")
     p.add_argument("--markdown", action="store_true", help="print results.md text")
     p.add_argument("--plot", default="", help="write the curves/differences figure here")
+    p.add_argument("--write", action="store_true", help="recompute the analysis with this "
+                   "compare.py and rewrite the directory's results.json, results.md, val_loss.png")
     args = p.parse_args(argv)
     for d in args.run_dir:
         try:
@@ -437,6 +446,17 @@ def main(argv=None):
         print(markdown(res) if args.markdown else console_summary(res))
         if args.plot:
             plot(args.plot if len(args.run_dir) == 1 else Path(d) / Path(args.plot).name, res)
+        if args.write:
+            if not (Path(d) / "results.json").exists():
+                p.error(f"--write: {d} has no results.json (the run has not finished)")
+            res["analysis_by"] = "python compare.py --write (analysis recomputed after the run)"
+            for name, text in (("results.json", json.dumps(res, indent=1)),
+                               ("results.md", markdown(res))):
+                tmp = Path(d) / (name + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(Path(d) / name)
+            plot(Path(d) / "val_loss.png", res)
+            print(f"rewrote {d}/results.json, results.md, val_loss.png")
     return 0
 
 

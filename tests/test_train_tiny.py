@@ -379,3 +379,14 @@ def test_bad_data_file(tmp_path, capsys, content, why):
         tt.main(["--data", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "--data" in err and why in err
+
+
+def test_learning_rate_schedule():
+    """Linear warmup, constant until --decay-start, inverse-sqrt decay, linear cooldown to ~0."""
+    cfg = tiny_cfg(lr=1.0, warmup=10, decay_start=40, cooldown=20, steps=100)
+    lr = [tt.lr_at(s, cfg) for s in range(100)]
+    assert lr[4] == pytest.approx(0.5) and lr[9] == lr[20] == lr[39] == 1.0
+    assert lr[59] == pytest.approx((40 / 60) ** 0.5)                        # before the cooldown
+    assert lr[89] == pytest.approx((40 / 90) ** 0.5 * 11 / 20)               # inside it
+    assert lr[99] == pytest.approx((40 / 100) ** 0.5 / 20) and lr[99] < 0.04
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                     # never rises again
