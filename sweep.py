@@ -39,7 +39,8 @@ def report(out, dense_from=""):
         res = compare.load(d)
         by = compare.runs_by_router(res)
         row = dict(value=value, dir=str(d), command=res["command"],
-                   wall_time_s=res.get("wall_time_s"), pairs={},
+                   wall_time_s=res.get("wall_time_s"), train_time_s=res.get("train_time_sum_s"),
+                   pairs={},
                    final_val={rt: res["analysis"]["routers"][rt]["final_val"]["mean"]
                               for rt in by},
                    s_per_step={rt: res["analysis"]["routers"][rt]["s_per_step"] for rt in by})
@@ -51,6 +52,10 @@ def report(out, dense_from=""):
             if a in by and base:
                 fd = compare.paired(by[a], base)["final_diff"]
                 row["pairs"][f"{a} vs dense"] = fd
+                # compare.analyse's rule: 95% CI excludes 0 and |mean| >= 2 paired sd
+                row.setdefault("positive_control", dict(
+                    pair=f"{a} vs dense", passed=bool(compare.excludes(fd, 0.0)
+                                                       and abs(fd["mean"]) >= 2 * fd["sd"])))
         rows.append(row)
     summary = dict(meta, dense_from=dense_from, points=rows)
     train_tiny._write_json(Path(out) / "sweep.json", summary)
@@ -66,14 +71,22 @@ def sweep_markdown(s):
            f"VALUE --out {s['out']}/{s['flag']}_VALUE --resume`" + (
                f"; dense runs from {s['dense_from']}" if s["dense_from"] else ""), "",
            "Paired final-loss difference, challenger - baseline (mean over seeds [95% t "
-           "interval]); negative = challenger better.", "",
-           f"| {s['flag']} | " + " | ".join(names) + " | wall s |",
-           "|---" * (len(names) + 2) + "|"]
+           "interval]); negative = challenger better. Positive control: compare.py's rule (95% "
+           "CI of MoE - dense excludes 0 and |mean| >= 2 paired sd); where it fails, that "
+           "value's router comparison says nothing.", "",
+           f"| {s['flag']} | " + " | ".join(names) + " | positive control | training s (sum of "
+           "runs) | wall s |", "|---" * (len(names) + 4) + "|"]
     for r in s["points"]:
         cells = [compare._ci(r["pairs"][n]) if n in r["pairs"] else "-" for n in names]
-        wall = r["wall_time_s"]
+        wall, train = r["wall_time_s"], r.get("train_time_s")
+        pc = r.get("positive_control")
         out.append(f"| {r['value']} | " + " | ".join(cells) + " | "
+                   + (("passes" if pc["passed"] else "FAILS") + f" ({pc['pair']})" if pc else "-")
+                   + " | " + (f"{train:.0f}" if train else "-") + " | "
                    + (f"{wall:.0f}" if wall and math.isfinite(wall) else "-") + " |")
+    out += ["", "Wall s is the time of the train_tiny invocation at that value; a value whose runs "
+            "were copied from another run directory (same config and code) shows only the "
+            "seconds it took to read them."]
     out += ["", "Final validation loss per router (mean over seeds):", "",
             f"| {s['flag']} | router | final val | s/step |", "|---|---|---|---|"]
     for r in s["points"]:

@@ -1,0 +1,32 @@
+"""sweep.py runs the trainer once per value (dry-run sizes here) and reports every value's paired
+differences and positive control; --report-only rebuilds the report; bad flags name the flag."""
+import json
+
+import pytest
+
+import sweep
+
+
+def test_sweep_runs_every_value_and_reports(tmp_path, capsys):
+    out = tmp_path / "sw"
+    sweep.main(["--flag", "experts", "--values", "4,8", "--out", str(out), "--",
+                "--dry-run", "--routers", "top2,ec2,dense", "--seeds", "0,1"])
+    s = json.loads((out / "sweep.json").read_text())
+    assert [p["value"] for p in s["points"]] == ["4", "8"]
+    for p in s["points"]:
+        assert set(p["pairs"]) == {"ec2 vs top2", "top2 vs dense", "ec2 vs dense"}
+        assert "passed" in p["positive_control"]
+        res = json.loads((out / f"experts_{p['value']}" / "results.json").read_text())
+        assert res["config"]["experts"] == int(p["value"])
+    assert (out / "sweep.png").stat().st_size > 10_000 and "| 8 |" in (out / "sweep.md").read_text()
+    again = sweep.main(["--out", str(out), "--report-only"])
+    assert again == 0 and json.loads((out / "sweep.json").read_text())["points"] == s["points"]
+
+
+@pytest.mark.parametrize("argv,named", [(["--flag", "expertz", "--values", "4"], "--flag"),
+                                        (["--values", "4"], "--flag"),
+                                        (["--report-only"], "--out")])
+def test_sweep_bad_flags(tmp_path, capsys, argv, named):
+    with pytest.raises(SystemExit):
+        sweep.main(argv + ["--out", str(tmp_path / "none")])
+    assert named in capsys.readouterr().err
