@@ -12,7 +12,8 @@ What is compared (challenger minus baseline, paired by seed: same initial weight
     matched pairs   EC-CF1 vs top-1; EC-CF2, EC-CAP2/3 vs top-2; EC-CF2 vs dropless top-2 and vs
                     GShard's random-second-expert top-2; GShard top-2 vs top-2.
     positive control  MoE (top-2, else EC-CF2) vs the FLOP-matched dense FFN: a difference the
-                    experiment must see. It passes when its 95% CI excludes zero AND its mean is
+                    experiment must see. It passes when the MoE is better, its 95% CI excludes
+                    zero AND its mean is
                     at least twice its own seed-to-seed standard deviation (the sd over seeds of
                     the paired differences: the noise of a paired comparison, so the gap shows in
                     nearly every seed, not only on average). Otherwise the headline says
@@ -146,6 +147,12 @@ def excludes(stat, value):
     return not stat["lo"] <= value <= stat["hi"]
 
 
+def positive_control_passes(fd):
+    """MoE - dense (a paired final_diff) passes when the MoE is better (mean < 0), the 95% CI
+    excludes 0, and |mean| is at least twice the sd over seeds of the paired differences."""
+    return bool(fd["mean"] < 0 and excludes(fd, 0.0) and abs(fd["mean"]) >= 2 * fd["sd"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Analysis of one run set (the dict train_tiny writes as results.json).
 
@@ -170,9 +177,8 @@ def analyse(res):
     for a, b in POSITIVE:
         if a in by and b in by:
             p = paired(by[a], by[b])
-            fd = p["final_diff"]
             p.update(challenger=a, baseline=b, seed_sd=out["noise"]["seed_sd"].get(b, math.nan),
-                     passed=bool(excludes(fd, 0.0) and abs(fd["mean"]) >= 2 * fd["sd"]))
+                     passed=positive_control_passes(p["final_diff"]))
             out["positive"] = p
             break
     for rt in by:
@@ -232,9 +238,9 @@ def verdict(res, a):
     elif not pos["passed"]:
         lines.append(f"INCONCLUSIVE: this setting cannot tell routers apart. The positive control "
                      f"{pos['challenger']} - dense = {_ci(pos['final_diff'])} is not clearly larger "
-                     f"than its seed-to-seed noise (sd of the paired difference over seeds "
-                     f"{pos['final_diff']['sd']:.4f}; needs a 95% CI excluding 0 and |mean| >= "
-                     f"2 sd).")
+                     f"than its seed-to-seed noise in the expected direction (sd of the paired "
+                     f"difference over seeds {pos['final_diff']['sd']:.4f}; needs MoE better, a "
+                     f"95% CI excluding 0 and |mean| >= 2 sd).")
     else:
         fd = pos["final_diff"]
         lines.append(f"Positive control passed: {pos['challenger']} - dense = {_ci(fd)}, "

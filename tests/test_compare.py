@@ -115,12 +115,13 @@ def _controls(moe_gain, aa_noise=0.003, seeds=5):
 
 
 def test_positive_control_passes_only_when_moe_beats_dense_clearly():
-    """MoE 0.1 below dense: passed, and the verdict's headline says so. No gain: the headline is
-    INCONCLUSIVE and no comparison is interpreted."""
+    """MoE 0.1 below dense: passed, and the verdict's headline says so. No gain, or MoE clearly
+    worse than dense: the headline is INCONCLUSIVE and no comparison is interpreted."""
     good = _controls(moe_gain=0.1)
     assert good["positive"]["passed"] and good["verdict"][0].startswith("Positive control passed")
     bad = _controls(moe_gain=0.0)
     assert not bad["positive"]["passed"]
+    assert not _controls(moe_gain=-0.1)["positive"]["passed"]    # a clear gap the wrong way
     assert bad["verdict"][0].startswith("INCONCLUSIVE")
     assert any("not interpretable" in v for v in bad["verdict"])
 
