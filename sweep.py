@@ -111,7 +111,8 @@ def sweep_plot(path, s):
         ax.errorbar(xs, m, yerr=err, marker="o", capsize=3,
                     ls="--" if n.endswith("dense") else "-", label=n)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, [str(r["value"]) for r in s["points"]])
+    ax.set_xticks(x, [f"{r['value']} (whole batch)" if s["flag"] == "group_size"
+                      and str(r["value"]) == "0" else str(r["value"]) for r in s["points"]])
     ax.set(xlabel=f"--{s['flag'].replace('_', '-')}",
            ylabel="paired final-loss difference (95% t interval)",
            title="challenger - baseline; < 0: challenger better")
