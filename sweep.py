@@ -48,6 +48,8 @@ def report(out, dense_from=""):
             if a in by and b in by:
                 row["pairs"][f"{a} vs {b}"] = compare.paired(by[a], by[b])["final_diff"]
         base = by.get("dense") or dense
+        if base is dense and dense:
+            check_dense(by, dense, meta["flag"], d)
         for a in ("top2", "ec2"):
             if a in by and base:
                 fd = compare.paired(by[a], base)["final_diff"]
@@ -60,6 +62,21 @@ def report(out, dense_from=""):
     Path(out, "sweep.md").write_text(sweep_markdown(summary))
     sweep_plot(Path(out) / "sweep.png", summary)
     return summary
+
+
+def check_dense(by, dense, flag, point):
+    """--dense-from runs must be the same experiment as the sweep point apart from the swept
+    flag (steps, batch, lr, corpus and code hashes, ...) and cover its seeds."""
+    runs = [r for rt in ("top2", "ec2") for r in by.get(rt, {}).values()]
+    missing = sorted({r["seed"] for r in runs} - set(dense))
+    if missing:
+        raise ValueError(f"--dense-from has no dense run for seed(s) {missing} of {point}")
+    ref = next(iter(dense.values()))["config"]
+    diff = sorted(k for r in runs for k in set(r["config"]) | set(ref)
+                  if k != flag and r["config"].get(k) != ref.get(k))
+    if diff:
+        raise ValueError(f"--dense-from runs differ from {point} in {sorted(set(diff))}; they "
+                         "must be the same experiment apart from --" + flag.replace("_", "-"))
 
 
 def sweep_markdown(s):
@@ -132,7 +149,7 @@ def main(argv=None):
     p.add_argument("--values", help="comma list of values")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--dense-from", default="", help="run directory whose dense runs serve as "
-                   "the positive control at every value")
+                   "the positive control at every value (remembered for --report-only)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     args = p.parse_args(own)
     out = Path(args.out)
@@ -144,14 +161,19 @@ def main(argv=None):
             p.error(f"--flag: {args.flag!r} is not a train_tiny flag")
         values = [v.strip() for v in args.values.split(",") if v.strip()]
         out.mkdir(parents=True, exist_ok=True)
-        meta = dict(flag=flag, values=values, train_args=train_args, out=str(out))
+        meta = dict(flag=flag, values=values, train_args=train_args, out=str(out),
+                    dense_from=args.dense_from)
         train_tiny._write_json(out / "sweep_meta.json", meta)
         for v in values:
             train_tiny.main(train_args + [f"--{flag.replace('_', '-')}", v,
                                           "--out", str(out / f"{flag}_{v}"), "--resume"])
     elif not (out / "sweep_meta.json").exists():
         p.error(f"--out: {out} holds no sweep (no sweep_meta.json)")
-    s = report(out, args.dense_from)
+    dense_from = args.dense_from or point_dirs(out)[0].get("dense_from", "")
+    try:
+        s = report(out, dense_from)
+    except ValueError as e:
+        p.error(str(e))
     print(sweep_markdown(s))
     return 0
 

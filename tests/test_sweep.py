@@ -30,3 +30,24 @@ def test_sweep_bad_flags(tmp_path, capsys, argv, named):
     with pytest.raises(SystemExit):
         sweep.main(argv + ["--out", str(tmp_path / "none")])
     assert named in capsys.readouterr().err
+
+
+def test_dense_from_must_be_the_same_experiment(tmp_path, capsys):
+    """--dense-from runs that differ in anything but the swept flag (here --steps) are refused,
+    and --report-only remembers the --dense-from of the sweep."""
+    dense = tmp_path / "dense"
+    import train_tiny
+    train_tiny.main(["--dry-run", "--routers", "dense", "--seeds", "0,1", "--out", str(dense)])
+    out = tmp_path / "sw"
+    sweep.main(["--flag", "experts", "--values", "4", "--out", str(out), "--dense-from", str(dense),
+                "--", "--dry-run", "--routers", "top2,ec2", "--seeds", "0,1"])
+    assert "top2 vs dense" in json.loads((out / "sweep.json").read_text())["points"][0]["pairs"]
+    sweep.main(["--out", str(out), "--report-only"])            # dense_from from sweep_meta.json
+    assert "top2 vs dense" in json.loads((out / "sweep.json").read_text())["points"][0]["pairs"]
+    other = tmp_path / "sw_other"
+    with pytest.raises(SystemExit):
+        sweep.main(["--flag", "experts", "--values", "4", "--out", str(other), "--dense-from",
+                    str(dense), "--", "--dry-run", "--routers", "top2,ec2", "--seeds", "0,1",
+                    "--steps", "3"])
+    err = capsys.readouterr().err
+    assert "differ from" in err and "'steps'" in err
