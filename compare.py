@@ -416,14 +416,19 @@ def plot(path, res):
     import textwrap
     fig.suptitle(textwrap.fill(f"{res['config']['arch']}: " + a["verdict"][0], 150), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png"))
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading run directories.
+# Reading and writing run directories.
+
+
+def atomic_write(path, write):
+    """train_tiny's atomic write (write a temporary file, then rename), so a reader never sees
+    a half-written report. Imported when called: train_tiny imports this module."""
+    from train_tiny import _atomic_write
+    _atomic_write(path, write)
 
 
 def load(run_dir):
@@ -473,9 +478,7 @@ def main(argv=None):
             res["analysis_by"] = "python compare.py --write (analysis recomputed after the run)"
             for name, text in (("results.json", json.dumps(res, indent=1)),
                                ("results.md", markdown(res))):
-                tmp = Path(d) / (name + ".tmp")
-                tmp.write_text(text)
-                tmp.replace(Path(d) / name)
+                atomic_write(Path(d) / name, lambda t, text=text: Path(t).write_text(text))
             plot(Path(d) / "val_loss.png", res)
             print(f"rewrote {d}/results.json, results.md, val_loss.png")
     return 0

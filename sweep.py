@@ -59,7 +59,8 @@ def report(out, dense_from=""):
         rows.append(row)
     summary = dict(meta, dense_from=dense_from, points=rows)
     train_tiny._write_json(Path(out) / "sweep.json", summary)
-    Path(out, "sweep.md").write_text(sweep_markdown(summary))
+    train_tiny._atomic_write(Path(out) / "sweep.md",
+                             lambda t: Path(t).write_text(sweep_markdown(summary)))
     sweep_plot(Path(out) / "sweep.png", summary)
     return summary
 
@@ -136,7 +137,7 @@ def sweep_plot(path, s):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    train_tiny._atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png"))
     plt.close(fig)
 
 
