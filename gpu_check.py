@@ -14,7 +14,7 @@ Everything lands in --out (default assets/gpu): report.md (hardware, versions, c
 times and every number), gpu_check.json (the same, machine-readable), logs/ (full output of each
 stage) and the raw JSON the stages wrote.
 
-    python gpu_check.py               # on a machine with a CUDA GPU; under 8 minutes on one H200
+    python gpu_check.py               # on a machine with a CUDA GPU, within its --budget (460 s); never run on a GPU yet
     python gpu_check.py --dry-run     # the same plumbing on CPU with tiny sizes, into a temp dir
     python gpu_check.py --dry-run --out /tmp/check   # ... into a chosen directory
 """
