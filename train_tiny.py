@@ -745,6 +745,25 @@ def run_paths(cfg, router, seed):
     return out / "ckpt" / f"{router}_s{seed}.pt", out / "runs" / f"{router}_s{seed}.json"
 
 
+def model_path(run_dir, router, seed):
+    """Final weights of a finished run: dict(model=state_dict, config=Config as a dict, router,
+    seed). Saved by run_one, read by load_model (train_tiny --sample, finetune.py)."""
+    return Path(run_dir) / "models" / f"{router}_s{seed}.pt"
+
+
+def load_model(run_dir, router, seed, device="cpu"):
+    """-> (model in eval mode, Config) of a finished run, loaded with weights_only=True."""
+    path = model_path(run_dir, router, seed)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no saved model for router {router!r}, seed {seed} "
+                                f"(runs made before models/ was written must be rerun)")
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    cfg = Config(**saved["config"])
+    model = build_model(cfg, router)
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), cfg
+
+
 def code_sha256():
     """Hash of the code that determines a run's result (this file and ecmoe.py)."""
     h = hashlib.sha256()
@@ -857,6 +876,9 @@ def run_one(cfg, router, seed, corpus, report=print):
                       stats_over_training={n: [_stats_dict(w[i]) for w in log["stats_window"]]
                                            for i, n in enumerate(names)},
                       config=result_config(cfg, corpus["info"]))
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        _atomic_write(model_path(cfg.out, router, seed), lambda t: torch.save(
+            dict(model=weights, config=dataclasses.asdict(cfg), router=router, seed=seed), t))
         _write_json(done_path, result)
         if ckpt_path.exists():
             ckpt_path.unlink()
