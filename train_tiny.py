@@ -155,7 +155,7 @@ class Config:
                        "tests/CI")
     stop_after: int = _f(0, "simulate an interruption: stop each run (with a checkpoint) at the "
                         "first validation step >= N; 0 = off")
-    sample: str = _f("", "instead of training: greedy samples at batch size 1 from every router "
+    sample: str = _f("", "instead of training: samples (temperature 0.7, seeded) at batch size 1 from every router "
                      "(first seed) of the finished run directory SAMPLE, added to its "
                      "results.json / results.md (expert choice samples with threshold routing)")
 
@@ -954,6 +954,7 @@ def run_one(cfg, router, seed, corpus, report=print):
 # Sampling at batch size 1: how a trained model is used, one sequence at a time.
 
 SAMPLE_PROMPTS, SAMPLE_NEW_BYTES = 3, 64
+SAMPLE_TEMPERATURE = 0.7   # greedy decoding of a tiny model repeats itself ("the the the ...")
 
 
 def sample_prompts(corpus, cfg):
@@ -973,15 +974,22 @@ def sample_prompts(corpus, cfg):
 
 
 @torch.no_grad()
-def generate(model, cfg, prompt, device, new=SAMPLE_NEW_BYTES):
-    """Greedy decoding at batch size 1 (argmax; no KV cache: each step reruns the prefix).
-    lm: continue `prompt` by `new` tokens; t5: decode the sentinel fills of the encoder input
-    `prompt` until EOS or `new` tokens. -> the generated token ids."""
+def generate(model, cfg, prompt, device, new=SAMPLE_NEW_BYTES, temperature=SAMPLE_TEMPERATURE,
+             seed=0):
+    """Sampling at batch size 1 (no KV cache: each step reruns the prefix), from
+    softmax(logits / temperature) with a torch.Generator seeded by `seed` (reproducible);
+    temperature 0 = greedy (argmax). lm: continue `prompt` by `new` tokens; t5: decode the
+    sentinel fills of the encoder input `prompt` until EOS or `new` tokens. -> the new token ids."""
+    gen = torch.Generator().manual_seed(seed)                                 # CPU: same on any device
     ids = torch.tensor([prompt], device=device)                               # [1, P]
     out = torch.tensor([[PAD]], device=device) if cfg.arch == "t5" else ids    # [1, t]
     for _ in range(new):
         logits = (model(ids, out) if cfg.arch == "t5" else model(out))[0]     # [1, t, V]
-        nxt = logits[:, -1].argmax(-1, keepdim=True)                           # [1, 1]
+        if temperature == 0:
+            nxt = logits[:, -1].argmax(-1, keepdim=True)                       # [1, 1]
+        else:
+            p = torch.softmax(logits[:, -1].float().cpu() / temperature, -1)   # [1, V]
+            nxt = torch.multinomial(p, 1, generator=gen).to(device)            # [1, 1]
         out = torch.cat([out, nxt], dim=1)
         if cfg.arch == "t5" and int(nxt) == EOS:
             break
@@ -1004,7 +1012,7 @@ def detokenize(ids):
 
 
 def sample_run(run_dir, argv, device):
-    """train_tiny --sample RUN_DIR: greedy samples of every router's first seed at batch size 1,
+    """train_tiny --sample RUN_DIR: samples of every router's first seed at batch size 1,
     stored as results.json["samples"] and shown in results.md."""
     run_dir = Path(run_dir)
     res = compare.load(run_dir)
@@ -1017,7 +1025,7 @@ def sample_run(run_dir, argv, device):
         if prompts is None:             # the same prompts for every router
             prompts = sample_prompts(load_corpus(cfg), cfg)
         try:
-            texts = [detokenize(generate(model, cfg, p, device)) for p in prompts]
+            texts = [detokenize(generate(model, cfg, p, device, seed=i)) for i, p in enumerate(prompts)]
             routing = "threshold" if ec else "as in training"
         except ValueError as e:                    # capped EC: no group of one token fits
             texts, routing = ["(cannot run at batch size 1: " + str(e).split(":")[0] + ")"] * \
@@ -1026,7 +1034,8 @@ def sample_run(run_dir, argv, device):
         print(f"{router}: {texts[0]!r}")
     res["samples"] = dict(
         command=shlex.join(["python", "train_tiny.py", *argv]), seed=seed,
-        how=f"greedy (argmax) decoding at batch size 1 from seed {seed}'s final weights, "
+        how=f"sampled at temperature {SAMPLE_TEMPERATURE} (prompt i: torch.Generator seed i, the same "
+            f"for every router) at batch size 1 from seed {seed}'s final weights, "
             + (f"{SAMPLE_NEW_BYTES} new bytes after each prompt" if cfg.arch == "lm" else
                "the decoder fills the sentinels <Xi> of the span-corrupted prompt"),
         prompts=[detokenize(p) for p in prompts], by_router=by_router)

@@ -454,7 +454,7 @@ def test_evaluate_restores_training_state():
 
 @pytest.mark.parametrize("arch", ["lm", "t5"])
 def test_sample_at_batch_size_one(tmp_path, arch):
-    """--sample RUN_DIR: greedy samples at batch size 1 for every router of a finished run
+    """--sample RUN_DIR: seeded samples at batch size 1 for every router of a finished run
     (expert choice with threshold routing), deterministic, stored in results.json and shown in
     results.md; a directory without results.json is a clear error."""
     tt.main(["--dry-run", "--arch", arch, "--routers", "ec2,top2,dense", "--seeds", "0",
