@@ -1,0 +1,169 @@
+"""Expert parallelism on CPU (gloo): ecmoe.MoE(expert_parallel_group=...) equals the plain layer.
+
+W processes each hold e/W experts and their own batch. For every router and every routing group,
+in float64: each rank's output, aux/z losses and the gradients of its x and of w_router equal the
+single-process layer (full weights) on that rank's batch; each rank's expert-weight gradients equal
+the single-process gradients of its slice summed over all ranks' batches (atol 1e-10).
+
+Process start-up costs seconds, so one spawn per world size runs every case: each rank loops over
+the cases and saves its results; the tests below compare them with single-process references.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+import ecmoe
+
+B, T, D, F_, E = 4, 4, 8, 16, 8  # per-rank batch, positions, d, f, experts (W = 2, 4 divide E)
+CASES = [(router, group) for router in ecmoe.ROUTERS for group in ecmoe.GROUPS]
+ATOL = 1e-10
+
+
+def full_layer(router, group):
+    """The single-process layer of a case, float64, with a decisive router (seeded: same everywhere)."""
+    torch.manual_seed(0)
+    layer = ecmoe.MoE(D, F_, E, router=router, capacity_factor=2.0, group=group,
+                      max_experts_per_token=3, max_iter=20).double()
+    with torch.no_grad():
+        layer.w_router.normal_(0, 1.0)
+    return layer
+
+
+def global_inputs(W, case):
+    """Every rank's x [W*B, T, D] and loss weights [W*B, T, D]: rank r takes rows r*B .. r*B+B-1."""
+    g = torch.Generator().manual_seed(1_000 + case)
+    return (torch.randn(W * B, T, D, generator=g, dtype=torch.float64),
+            torch.randn(W * B, T, D, generator=g, dtype=torch.float64))
+
+
+def forward_backward(layer, x, weight, draw_seed):
+    """Output, losses and gradients of layer on x, loss = <y, weight> + aux + 0.1 z."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(draw_seed)  # top2_gshard's U[0, 1) draws
+    out = layer(x)
+    loss = (out.y * weight).sum() + out.aux_loss + 0.1 * out.z_loss
+    loss.backward()
+    return dict(y=out.y.detach(), aux=out.aux_loss.detach(), z=out.z_loss.detach(),
+                stats=out.stats.experts_per_token, x=x.grad,
+                **{name: p.grad.clone() for name, p in layer.named_parameters()})
+
+
+def _worker(rank, W, init_file, out_dir):
+    """One rank: every case through the sharded layer, plus the checks that need a live group."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    world = dist.group.WORLD
+    results = {}
+    for case, (router, group) in enumerate(CASES):
+        full = full_layer(router, group)
+        layer = ecmoe.shard_experts(copy.deepcopy(full), world)
+        x, weight = global_inputs(W, case)
+        rows = slice(rank * B, (rank + 1) * B)
+        results[router, group] = forward_backward(layer, x[rows], weight[rows], 100 + rank)
+    # checks that need the group; their outcomes go to the parent as plain values
+    checks = {}
+    torch.manual_seed(5)
+    direct = ecmoe.MoE(D, F_, E, expert_parallel_group=world)
+    torch.manual_seed(5)
+    whole = ecmoe.MoE(D, F_, E)
+    part = ecmoe.expert_slice(E, rank, W)
+    checks["init_is_slice"] = (direct.w_in.shape == (E // W, D, F_) and
+                               torch.equal(direct.w_in, whole.w_in[part]) and
+                               torch.equal(direct.w_out, whole.w_out[part]) and
+                               torch.equal(direct.w_router, whole.w_router))
+    checks["state_keys"] = list(direct.state_dict()) == list(whole.state_dict())
+    gathered = ecmoe.full_state_dict(direct)
+    checks["full_state_dict"] = all(torch.equal(gathered[k], v) for k, v in whole.state_dict().items())
+    reloaded = ecmoe.MoE(D, F_, E, expert_parallel_group=world)
+    ecmoe.load_full_state_dict(reloaded, whole.state_dict())
+    checks["load_full_state_dict"] = torch.equal(reloaded.w_in, direct.w_in)
+    checks["repr"] = repr(direct)
+    try:
+        ecmoe.MoE(D, F_, 6 if W == 4 else 3, expert_parallel_group=world)
+    except ValueError as error:
+        checks["bad_experts"] = str(error)
+    try:  # ranks with different batch shapes: a clear error on every rank, not a hang
+        direct(torch.randn(B + rank, T, D))
+    except ValueError as error:
+        checks["bad_shape"] = str(error)
+    torch.save(dict(results=results, checks=checks), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda W: f"W{W}")
+def parallel(request, tmp_path_factory):
+    """Spawn W gloo processes once per world size -> (W, [per-rank results])."""
+    W = request.param
+    out = tmp_path_factory.mktemp(f"ep{W}")
+    tmp.spawn(_worker, args=(W, str(out / "init"), str(out)), nprocs=W, join=True)
+    return W, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W)]
+
+
+@pytest.mark.parametrize("router, group", CASES)
+def test_sharded_layer_equals_single_process(parallel, router, group):
+    """Outputs, losses, grads of x and w_router per rank; expert grads summed over all ranks' batches."""
+    W, ranks = parallel
+    case = CASES.index((router, group))
+    x, weight = global_inputs(W, case)
+    expected = [forward_backward(full_layer(router, group), x[r * B:(r + 1) * B],
+                                 weight[r * B:(r + 1) * B], 100 + r) for r in range(W)]
+    for r in range(W):
+        got, ref = ranks[r]["results"][router, group], expected[r]
+        for key in ("y", "aux", "z", "x", "w_router", "stats"):
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=ATOL, msg=f"rank {r} {key}")
+        part = ecmoe.expert_slice(E, r, W)
+        for key in ("w_in", "w_out"):
+            summed = sum(e[key] for e in expected)[part]  # every rank's tokens reach these experts
+            torch.testing.assert_close(got[key], summed, rtol=0, atol=ATOL, msg=f"rank {r} {key}")
+
+
+def test_dropless_ranks_really_differ_in_slots(parallel):
+    """top2_dropless is tested where the ranks' slot counts differ, so the padding path runs."""
+    W, _ = parallel
+    differ = []
+    for group in ecmoe.GROUPS:
+        slots = set()
+        for r in range(W):
+            layer = full_layer("top2_dropless", group)
+            x = global_inputs(W, CASES.index(("top2_dropless", group)))[0][r * B:(r + 1) * B]
+            probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router)
+            slots.add(layer.route(probs)[0].shape[-1])
+        differ.append(len(slots) > 1)
+    assert any(differ), differ
+
+
+def test_sharded_init_state_and_helpers(parallel):
+    """MoE(expert_parallel_group=g) holds slice r of the full init from the same seed, with the same
+    state_dict keys; full_state_dict gathers it back; load_full_state_dict slices a full one."""
+    W, ranks = parallel
+    for r, rank in enumerate(ranks):
+        c = rank["checks"]
+        assert c["init_is_slice"] and c["state_keys"] and c["full_state_dict"]
+        assert c["load_full_state_dict"]
+        assert f"expert_parallel=rank {r} of {W}" in c["repr"]
+
+
+def test_bad_expert_parallel_input_is_a_clear_error(parallel):
+    """W not dividing e, and ranks with different batch shapes: ValueErrors naming the problem."""
+    W, ranks = parallel
+    for rank in ranks:
+        assert "expert_parallel_group has" in rank["checks"]["bad_experts"]
+        assert "must divide n_experts" in rank["checks"]["bad_experts"]
+        assert "same routing shape on every rank" in rank["checks"]["bad_shape"]
+
+
+def test_no_group_is_the_plain_layer():
+    """Without a group nothing changes: same parameters and keys; a group needs torch.distributed."""
+    layer = ecmoe.MoE(D, F_, E)
+    assert layer.expert_parallel_group is None and layer.w_in.shape == (E, D, F_)
+    assert list(layer.state_dict()) == ["w_router", "w_in", "w_out"]
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="init_process_group"):
+            ecmoe.MoE(D, F_, E, expert_parallel_group=object())
+    with pytest.raises(ValueError, match="must divide n_experts"):
+        ecmoe.expert_slice(6, 0, 4)
