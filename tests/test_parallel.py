@@ -9,8 +9,12 @@ Process start-up costs seconds, so one spawn per world size runs every case: eac
 the cases and saves its results; the tests below compare them with single-process references.
 """
 import copy
+import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -167,3 +171,50 @@ def test_no_group_is_the_plain_layer():
             ecmoe.MoE(D, F_, E, expert_parallel_group=object())
     with pytest.raises(ValueError, match="must divide n_experts"):
         ecmoe.expert_slice(6, 0, 4)
+
+
+# ----------------------------------------------------------------------------- training (torchrun)
+TRAIN = ["--dry-run", "--routers", "ec2,top2", "--seeds", "0", "--group-size", "2",
+         "--steps", "3", "--eval-every", "1"]
+
+
+def torchrun(argv, cwd):
+    """train_tiny.py under `torchrun --standalone --nproc_per_node=2` (gloo, one thread each)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", os.path.join(root, "train_tiny.py"), *argv],
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_two_processes_match_one_and_resume(tmp_path, capsys):
+    """2-process training (data + expert parallel, --group-size 2 = B/W, so the routing groups are
+    those of one process), interrupted after step 1 and resumed, gives the loss curves of one
+    process to float error; the saved model has the full experts; a one-process --resume of the
+    2-process run is refused (its routing groups could differ)."""
+    import train_tiny as tt
+    data = tmp_path / "corpus.txt"
+    data.write_text(open(tt.__file__).read() * 2, encoding="utf-8")
+    argv = TRAIN + ["--data", str(data)]
+    one = tt.main(argv + ["--out", str(tmp_path / "one")])
+    torchrun(argv + ["--out", str(tmp_path / "two"), "--stop-after", "1"], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "two" / "ckpt").iterdir()) == \
+        [f"{r}_s0.rank{k}of2.pt" for r in ("ec2", "top2") for k in (0, 1)]
+    torchrun(argv + ["--out", str(tmp_path / "two"), "--resume"], tmp_path)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["command"].startswith("torchrun --nproc_per_node=2") and two["distributed"]["world_size"] == 2
+    for a, b in zip(one["runs"], two["runs"]):
+        assert a["router"] == b["router"] and a["n_params"] == b["n_params"]
+        np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b["val_loss"], a["val_loss"], rtol=0, atol=1e-5)
+        w1 = torch.load(tt.model_path(tmp_path / "one", a["router"], 0), weights_only=True)["model"]
+        w2 = torch.load(tt.model_path(tmp_path / "two", a["router"], 0), weights_only=True)["model"]
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        tt.main(argv + ["--out", str(tmp_path / "two"), "--resume"])
+    assert "world_size" in capsys.readouterr().err
