@@ -189,6 +189,7 @@ def torchrun(argv, cwd):
     return done
 
 
+@pytest.mark.slow  # two torchrun launches: ~25 s of the file's ~40 s
 def test_torchrun_two_processes_match_one_and_resume(tmp_path, capsys):
     """2-process training (data + expert parallel, --group-size 2 = B/W, so the routing groups are
     those of one process), interrupted after step 1 and resumed, gives the loss curves of one
