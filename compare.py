@@ -194,7 +194,56 @@ def analyse(res):
         if a in by and b in by:
             out["pairs"][f"{a} vs {b}"] = dict(paired(by[a], by[b]), challenger=a, baseline=b)
     out["routers"] = {rt: router_summary(runs) for rt, runs in by.items()}
+    out["inference"] = {rt: inference_summary(runs, res) for rt, runs in by.items()
+                        if all("inference" in r for r in runs.values())}
     out["verdict"] = verdict(res, out)
+    return out
+
+
+def inference_summary(runs, res):
+    """The train/inference gap of one router over its seeds: validation loss at batch size 1,
+    routed as it would be deployed (expert choice: threshold routing; token choice and dense:
+    as in training), minus the trained model's validation loss at the training batch size.
+
+    -> dict(gap=t_interval dict with min/max, deployed=, plus for expert choice the naive gap
+    of group routing at batch size 1, the largest |threshold_B - threshold_1|, and per layer the
+    loads of threshold routing relative to the training bucket k/n)."""
+    from train_tiny import ROUTER_SPEC, base_router   # imported here: train_tiny imports us
+    runs = [runs[s] for s in sorted(runs)]
+    inf = [r["inference"] for r in runs]
+    if any(i["group_1"] is None for i in inf):      # capped EC: cannot run at batch size 1
+        return dict(seeds=[r["seed"] for r in runs], error=inf[0].get("error", "?"))
+    ec = "threshold_1" in inf[0]
+    deployed = [i["threshold_1" if ec else "group_1"] for i in inf]
+    gaps = [d - r["final_val"] for d, r in zip(deployed, runs)]
+    out = dict(seeds=[r["seed"] for r in runs], routing="threshold" if ec else "group",
+               trained=float(np.mean([r["final_val"] for r in runs])),
+               deployed=float(np.mean(deployed)),
+               gap=dict(zip(("mean", "lo", "hi", "sd", "n"), t_interval(gaps)),
+                        min=float(min(gaps)), max=float(max(gaps)), per_seed=gaps))
+    if not ec:
+        return out
+    naive = [i["group_1"] - r["final_val"] for i, r in zip(inf, runs)]
+    out["naive_group_1_gap"] = dict(mean=float(np.mean(naive)), min=float(min(naive)),
+                                    max=float(max(naive)))
+    out["threshold_B_vs_1"] = float(max(abs(i["threshold_B"] - i["threshold_1"]) for i in inf))
+    _, c, _ = ROUTER_SPEC[base_router(runs[0]["router"])]
+    groups = {stack: n for stack, _, n in res.get("routing_groups", [])}
+    loads = {}
+    for layer in inf[0]["threshold_loads"]:
+        n = groups.get("encoder" if layer.startswith("enc") else "decoder", groups.get("lm"))
+        L = np.array([i["threshold_loads"][layer]["expert_load"] for i in inf])   # [seeds, e]
+        e = L.shape[1]
+        bucket = math.ceil(round(n * c / e, 9)) / n if n else c / e   # training: k / n each
+        loads[layer] = dict(
+            bucket=bucket, experts_per_token=float(L.sum(1).mean()),
+            trained_experts_per_token=bucket * e,
+            max_over_bucket=float((L.max(1) / bucket).mean()),
+            min_over_bucket=float((L.min(1) / bucket).mean()),
+            over_bucket=float((L > bucket).mean()), idle=float((L < 0.1 * bucket).mean()),
+            bins=np.mean([i["threshold_loads"][layer]["experts_per_token"] for i in inf],
+                         0).tolist())
+    out["loads"] = loads
     return out
 
 
@@ -360,10 +409,69 @@ def markdown(res):
             out.append(f"| {rt} | {layer} | {ept} | {100 * x['unrouted_fraction']:.1f}% | "
                        f"{100 * x['dropped_fraction']:.1f}% | {x['load_max_over_mean']:.2f} | "
                        f"{100 * x['overflow_fraction']:.1f}% |")
+    out += inference_markdown(res) + samples_markdown(res)
     out += ["", "Step ratios come from isotonic fits of validation curves taken every "
             f"{res['config']['eval_every']} steps; s/step is training time only, measured while "
             "other runs shared the machine."]
     return "\n".join(out) + "\n"
+
+
+def inference_markdown(res):
+    """The section on batch-size-1 inference (train_tiny runs that measured it)."""
+    inf = res["analysis"].get("inference") or {}
+    if not inf:
+        return []
+    out = ["", "## Inference at batch size 1: the train/inference gap", "",
+           "Validation loss of the same fixed sequences fed ONE at a time, routed as the model "
+           "would be deployed (expert choice: threshold routing with the thresholds learned in "
+           "training; token choice and dense: as in training), minus the validation loss at the "
+           "training batch size (group routing). Mean over seeds [95% t interval] (min to max). "
+           "Naive = expert choice left in group routing at batch size 1 (every expert takes "
+           "every token).", "",
+           "| router | routing at batch 1 | seeds | trained loss | loss at batch 1 | gap [95% CI] "
+           "(min to max) | naive EC gap | threshold batch B vs 1 |", "|---|---|---|---|---|---|---|---|"]
+    for rt, x in inf.items():
+        if "error" in x:
+            out.append(f"| {rt} | - | {len(x['seeds'])} | - | - | cannot run at batch size 1: "
+                       f"{x['error'].split(':')[0]} | - | - |")
+            continue
+        g = x["gap"]
+        naive = x.get("naive_group_1_gap")
+        out.append(f"| {rt} | {x['routing']} | {len(x['seeds'])} | {x['trained']:.4f} | "
+                   f"{x['deployed']:.4f} | {_ci(g)} ({g['min']:+.4f} to {g['max']:+.4f}) | "
+                   + (f"{naive['mean']:+.3f} ({naive['min']:+.3f} to {naive['max']:+.3f})"
+                      if naive else "-") + " | "
+                   + (f"{x['threshold_B_vs_1']:.1e}" if "threshold_B_vs_1" in x else "-") + " |")
+    rows = [(rt, layer, v) for rt, x in inf.items() for layer, v in x.get("loads", {}).items()]
+    if rows:
+        out += ["", "Expert loads under threshold routing at batch size 1 (fraction of tokens an "
+                "expert takes, relative to its training bucket k/n; mean over seeds):", "",
+                "| router | layer | experts/token (training) | busiest expert / bucket | "
+                "idlest / bucket | experts over bucket | idle (< 0.1 bucket) | experts/token "
+                "0 / 1 / 2 / 3-4 / >4 |", "|---|---|---|---|---|---|---|---|"]
+        for rt, layer, v in rows:
+            out.append(f"| {rt} | {layer} | {v['experts_per_token']:.2f} "
+                       f"({v['trained_experts_per_token']:.2f}) | {v['max_over_bucket']:.2f} | "
+                       f"{v['min_over_bucket']:.2f} | {100 * v['over_bucket']:.0f}% | "
+                       f"{100 * v['idle']:.0f}% | "
+                       + " / ".join(f"{100 * b:.1f}%" for b in v["bins"]) + " |")
+    return out
+
+
+def samples_markdown(res):
+    """Greedy samples at batch size 1 (train_tiny --sample), if the directory has them."""
+    smp = res.get("samples")
+    if not smp:
+        return []
+    out = ["", "## Samples at batch size 1", "", f"`{smp['command']}`: {smp['how']}", ""]
+    for i, prompt in enumerate(smp["prompts"]):
+        out += [f"Prompt {i + 1}: `{prompt}`", "", "| router | routing | continuation |",
+                "|---|---|---|"]
+        for rt, x in smp["by_router"].items():
+            text = x["texts"][i].replace("|", "\\|").replace("`", "'")
+            out.append(f"| {rt} | {x['routing']} | `{text}` |")
+        out.append("")
+    return out
 
 
 def console_summary(res):

@@ -145,6 +145,31 @@ def expert_choice(probs, k, validate=True):
     return gates, token_index
 
 
+def threshold_choice(probs, threshold, validate=True):
+    """Expert choice at inference: token t goes to expert i iff probs[t, i] >= threshold[i].
+
+    probs [..., n, e], threshold [e] -> gates [..., e, s] (raw probs), token_index [..., e, s]
+    (-1 = empty slot), s = the largest number of tokens any expert takes in any group (>= 1).
+    A rule per token: a token's experts never depend on the other tokens, so it is causal and
+    the same at every batch size (batch size 1 included). MoE(eval_routing="threshold") uses it
+    with thresholds learned in training (see MoE). s is data-dependent: one host sync.
+    Slot order as expert_choice: decreasing probability, ties lower token index."""
+    if validate:
+        _check_probs(probs)
+        _check_tensor(threshold, "threshold", 1)
+        if threshold.shape != probs.shape[-1:]:
+            raise ValueError(f"threshold must have shape [e={probs.shape[-1]}]; got {tuple(threshold.shape)}")
+    S_T = probs.transpose(-1, -2)  # [..., e, n]
+    chosen = S_T.detach() >= threshold.to(S_T.dtype).unsqueeze(-1)  # [..., e, n] the per-token rule
+    s = max(int(chosen.sum(-1).max()), 1)  # the one sync: slots for the busiest expert
+    # chosen tokens first, by decreasing probability (stable: ties -> lower token index)
+    key = torch.where(chosen, S_T.detach(), torch.full_like(S_T.detach(), -1.0))
+    token_index = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :s]
+    filled = torch.gather(chosen, -1, token_index)  # [..., e, s]
+    gates = torch.gather(S_T, -1, token_index) * filled
+    return gates, torch.where(filled, token_index, -1)
+
+
 def token_choice(probs, top_k, capacity, second_uniform=None, second_threshold=0.2, validate=True):
     """Token choice (Switch top-1 / GShard top-2) with first-come-first-served capacity.
 
@@ -213,6 +238,17 @@ def _check_second_choice(second_uniform, second_threshold, top_k, probs, check_v
                          f"{tuple(second_uniform.shape) if isinstance(second_uniform, torch.Tensor) else type(second_uniform).__name__}")
     if check_values and not bool(((second_uniform >= 0) & (second_uniform < 1)).all()):
         raise ValueError("second_uniform must lie in [0, 1) (uniform draws)")
+
+
+def _check_eval_routing(eval_routing, router):
+    if eval_routing not in ("group", "threshold"):
+        raise ValueError(f"eval_routing must be 'group' or 'threshold'; got {eval_routing!r}")
+    if eval_routing == "threshold" and router != "expert_choice":
+        why = ("its tokens come from an LP over the whole group, which no per-expert cutoff "
+               "reproduces" if router == "capped_expert_choice" else
+               "token choice already routes each token on its own")
+        raise ValueError(f"eval_routing='threshold' needs router='expert_choice'; got "
+                         f"router={router!r} ({why})")
 
 
 class CappedLPSolution(NamedTuple):
@@ -478,6 +514,7 @@ class RoutingStats(NamedTuple):
     dropped_fraction: torch.Tensor  # token choice: assignments dropped by capacity (EC: 0)
     load_max_over_mean: torch.Tensor  # max over experts of demand / mean demand (EC: 1)
     overflow_fraction: torch.Tensor  # token choice: experts whose demand exceeds capacity (EC: 0)
+    expert_load: torch.Tensor  # [e] tokens each expert processed / tokens per group (EC: k / n)
 
 
 class MoEOutput(NamedTuple):
@@ -526,6 +563,20 @@ class MoE(nn.Module):
       routes its own tokens in its own groups, exactly as without the group; two all-to-alls
       carry the expert slots to their experts and back (moe_ffn_expert_parallel). Every rank
       of the group must call forward (and backward) together, with the same x shape.
+    - eval_routing: "group" (default) routes in eval mode exactly as in training. "threshold"
+      ("expert_choice" only) routes in eval mode token by token: token t goes to expert i iff
+      its probability S[t, i] >= threshold[i] (threshold_choice), so the output is causal and
+      the same at every batch size, batch size 1 (sampling) included. Expert loads then vary
+      around k (stats.expert_load, overflow_fraction). Capped expert choice is refused: its
+      tokens come from an LP over the whole group, which no per-expert cutoff reproduces; token
+      choice is refused: it already decides per token (and drops nothing at batch size 1).
+    - threshold_decay: the thresholds' EMA decay (default 0.99, i.e. ~100 training steps).
+    Buffers ("expert_choice" only, saved in state_dict): threshold [e], an EMA over training
+    forwards of the score of each expert's k-th best token (the mean over the forward's groups,
+    i.e. the per-group cutoff of Eq. 2: an estimate of the (1 - k/n) quantile of the expert's
+    scores for the training group size n), and threshold_updates, the forwards it has seen (the
+    first one sets the EMA). They move only in training mode, never in eval mode; the EMA lags
+    the router by ~1 / (1 - threshold_decay) steps.
     Parameters: w_router [d, e] (std 0.02), w_in [e, d, f] (std 1/sqrt(d)),
     w_out [e, f, d] (std 1/sqrt(f)); the layouts match reference_numpy, so weights copy over.
 
@@ -540,7 +591,7 @@ class MoE(nn.Module):
     def __init__(self, d_model, d_ff, n_experts, router="expert_choice", capacity_factor=2.0,
                  group="batch", max_experts_per_token=2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
                  max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, second_threshold=0.2, check_inputs=None,
-                 expert_parallel_group=None):
+                 eval_routing="group", threshold_decay=0.99, expert_parallel_group=None):
         super().__init__()
         _check_int(d_model, "d_model", 1, math.inf)
         _check_int(d_ff, "d_ff", 1, math.inf)
@@ -557,6 +608,10 @@ class MoE(nn.Module):
         if check_inputs not in (None, True, False):
             raise ValueError(f"check_inputs must be None (auto: on CPU), True or False; got {check_inputs!r}")
         _check_solver_settings(entropy_weight, max_iter, tol)
+        _check_eval_routing(eval_routing, router)
+        if isinstance(threshold_decay, bool) or not isinstance(threshold_decay, numbers.Real) \
+                or not 0 <= threshold_decay < 1:
+            raise ValueError(f"threshold_decay must be a number in [0, 1); got {threshold_decay!r}")
         if router == "capped_expert_choice" and capacity_factor > max_experts_per_token:
             raise ValueError(f"capacity_factor must be <= max_experts_per_token={max_experts_per_token} "
                              f"for capped_expert_choice (else infeasible); got {capacity_factor}")
@@ -565,6 +620,7 @@ class MoE(nn.Module):
         self.max_experts_per_token = max_experts_per_token
         self.entropy_weight, self.max_iter, self.tol = entropy_weight, max_iter, tol
         self.second_threshold, self.check_inputs = second_threshold, check_inputs
+        self.eval_routing, self.threshold_decay = eval_routing, threshold_decay
         self.w_router = nn.Parameter(torch.randn(d_model, n_experts) * 0.02)
         self.w_in = nn.Parameter(torch.randn(n_experts, d_model, d_ff) / math.sqrt(d_model))
         self.w_out = nn.Parameter(torch.randn(n_experts, d_ff, d_model) / math.sqrt(d_ff))
@@ -572,6 +628,9 @@ class MoE(nn.Module):
         self.expert_parallel_group, self.expert_parallel_rank, self.expert_parallel_size = None, 0, 1
         if expert_parallel_group is not None:  # keep only this rank's slice of the experts
             _shard_layer(self, expert_parallel_group)
+        if router == "expert_choice":  # inference thresholds (see eval_routing)
+            self.register_buffer("threshold", torch.zeros(n_experts))
+            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self):
         """What print(moe) shows after the class name: sizes, router and its settings."""
@@ -588,6 +647,8 @@ class MoE(nn.Module):
             parts.append(f"check_inputs={self.check_inputs}")
         if self.expert_parallel_group is not None:
             parts.append(f"expert_parallel=rank {self.expert_parallel_rank} of {self.expert_parallel_size}")
+        if self.eval_routing != "group":
+            parts.append(f"eval_routing={self.eval_routing!r}")
         return ", ".join(parts)
 
     def group_tokens(self, x):
@@ -645,6 +706,19 @@ class MoE(nn.Module):
             return token_choice(probs, 2, k, second_uniform, self.second_threshold, validate=False)
         return token_choice(probs, TOKEN_CHOICE_TOP_K[self.router], k, validate=False)
 
+    @torch.no_grad()
+    def update_threshold(self, gates):
+        """EMA of each expert's k-th best score: gates [groups, e, k] of expert_choice (slots
+        best first, so gates[..., -1] is the k-th best), averaged over the groups. Sync-free."""
+        kth_best = gates.detach()[..., -1].mean(0).to(self.threshold.dtype)  # [e]
+        if self.expert_parallel_group is not None:  # the mean over every rank's groups, so the
+            # thresholds stay the same on every rank (one all-reduce of e values, no host sync)
+            dist.all_reduce(kth_best, group=self.expert_parallel_group)
+            kth_best /= self.expert_parallel_size
+        ema = self.threshold_decay * self.threshold + (1 - self.threshold_decay) * kth_best
+        self.threshold.copy_(torch.where(self.threshold_updates == 0, kth_best, ema))
+        self.threshold_updates.add_(1)
+
     def value_checks_on(self, x):
         """Whether this forward checks values (see check_inputs): auto = CPU and not compiling."""
         if self.check_inputs is not None:
@@ -662,6 +736,11 @@ class MoE(nn.Module):
             raise ValueError(f"x must have last dim d_model={self.d_model}; got {x.shape[-1]}")
         check_values = self.value_checks_on(x)
         _check_tensor(x, "x", 3, check_values=check_values)  # floating, non-empty (, finite)
+        _check_eval_routing(self.eval_routing, self.router)  # the attribute may have been set
+        by_threshold = not self.training and self.eval_routing == "threshold"
+        if by_threshold and check_values and int(self.threshold_updates) == 0:
+            raise ValueError("eval_routing='threshold' needs thresholds learned in training; this "
+                             "layer has never run a training-mode forward (threshold_updates == 0)")
         B, T, d = x.shape
         x_groups = self.group_tokens(x)  # [groups, n, d]
         logits = router_logits(x_groups, self.w_router, validate=False)  # [groups, n, e], fp32
@@ -674,27 +753,35 @@ class MoE(nn.Module):
             second_uniform = None
             if self.router == "top2_gshard":
                 second_uniform = torch.rand(probs.shape[:-1], device=probs.device)
-            # (Eq. 1-2) k = expert_capacity(n, e, c); G, I = TopK(S^T, k) (or capped / token choice)
-            gates, token_index = self.route(probs, second_uniform)  # [groups, e, k]
+            if by_threshold:  # inference: a per-token rule, [groups, e, s] with s varying
+                gates, token_index = threshold_choice(probs, self.threshold, validate=False)
+            else:
+                # (Eq. 1-2) k = expert_capacity(n, e, c); G, I = TopK(S^T, k) (or capped / token choice)
+                gates, token_index = self.route(probs, second_uniform)  # [groups, e, k]
+                if self.training and self.router == "expert_choice":
+                    self.update_threshold(gates)
         # (Eq. 3-4) gather, expert FFNs, gate-weighted scatter-add; one path for every router
         if self.expert_parallel_group is None:
             y = moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False)
         else:  # this rank holds experts [r*e/W, (r+1)*e/W): see "Expert parallelism" below
             y = moe_ffn_expert_parallel(x_groups, gates, token_index, self.w_in, self.w_out,
                                         self.expert_parallel_group,
-                                        pad_slots=self.router == "top2_dropless",
+                                        pad_slots=self.router == "top2_dropless" or by_threshold,
                                         check_shapes=check_values)
         if self.router in TOKEN_CHOICE_TOP_K:
             aux_loss = load_balancing_loss(probs, validate=False).mean()
         else:
             aux_loss = probs.new_zeros(())
         z_loss = router_z_loss(logits, validate=False).mean()
-        stats = self.routing_stats(probs.detach(), token_index, second_uniform)
+        stats = self.routing_stats(probs.detach(), token_index, second_uniform, by_threshold)
         return MoEOutput(self.ungroup_tokens(y, B, T), aux_loss, z_loss, stats)
 
     @torch.no_grad()
-    def routing_stats(self, probs, token_index, second_uniform=None):
+    def routing_stats(self, probs, token_index, second_uniform=None, by_threshold=False):
         """RoutingStats from probs [groups, n, e] and token_index [groups, e, k] (all tensors, no sync).
+
+        by_threshold (threshold routing): load = max over experts of tokens taken / mean tokens
+        taken; overflow = experts taking more than the training bucket k = expert_capacity(n, e, c).
 
         Token choice: demand = claims made on each expert (for "top2_gshard" the second choices
         its random policy skipped, given second_uniform [groups, n], are not claims); dropped =
@@ -709,8 +796,14 @@ class MoE(nn.Module):
         bins = torch.stack([per_token == 0, per_token == 1, per_token == 2,
                             (per_token >= 3) & (per_token <= 4), per_token > 4]).float().mean(1)
         zero, one = probs.new_zeros(()).float(), probs.new_ones(()).float()
+        taken = filled.sum(-1).float()  # [G, e] tokens each expert processed
+        expert_load = taken.mean(0) / n  # [e]
+        if by_threshold:
+            load = (taken.amax(1) / taken.mean(1).clamp(min=1e-9)).mean()
+            overflow = (taken > expert_capacity(n, e, self.capacity_factor)).float().mean()
+            return RoutingStats(bins, bins[0], zero, load, overflow, expert_load)
         if self.router not in TOKEN_CHOICE_TOP_K:
-            return RoutingStats(bins, bins[0], zero, one, zero)
+            return RoutingStats(bins, bins[0], zero, one, zero, expert_load)
         top_k = TOKEN_CHOICE_TOP_K[self.router]
         choice = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
         claims = F.one_hot(choice, e)  # [G, n, top_k, e]
@@ -725,7 +818,7 @@ class MoE(nn.Module):
         dropped = 1 - filled.sum().float() / demand.sum()
         load = (demand.amax(1) / demand.mean(1)).mean()  # averaged over groups
         overflow = (demand > k).float().mean()
-        return RoutingStats(bins, bins[0], dropped, load, overflow)
+        return RoutingStats(bins, bins[0], dropped, load, overflow, expert_load)
 
 
 # ----------------------------------------------------------------------------- expert parallelism

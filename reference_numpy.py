@@ -138,6 +138,31 @@ def expert_choice(probs, k):
     return G, I.astype(xp.int64)
 
 
+def threshold_choice(probs, threshold):
+    """Expert choice at inference: a token goes to expert i iff S[t, i] >= threshold[i].
+
+    probs [n, e], threshold [e] -> gates [e, s], token_index [e, s] (int64, -1 = empty slot),
+    s = the largest number of tokens any expert takes (at least 1).
+    A rule per token, so a token's experts do not depend on the other tokens in the group:
+    causal, and the same at every batch size. threshold[i] estimates the score expert i's k-th
+    best token needs in training (ecmoe.MoE keeps it as an EMA of that score); how many tokens
+    an expert takes now varies. Slot order as expert_choice: decreasing score, ties lower index.
+    """
+    xp = _array_module(probs, threshold)
+    _check_probs(probs, xp)
+    n, e = probs.shape
+    if getattr(threshold, "shape", None) != (e,):
+        raise ValueError(f"threshold must have shape [e={e}], got {getattr(threshold, 'shape', None)}")
+    _check_finite("threshold", threshold, xp)
+    S_T = probs.T                                            # [e, n]
+    chosen = S_T >= threshold[:, None]                       # [e, n] the rule, token by token
+    s = max(int(chosen.sum(axis=1).max()), 1)
+    I = xp.argsort(xp.where(chosen, -S_T, 2.0), axis=1, kind="stable")[:, :s]   # chosen first
+    filled = xp.take_along_axis(chosen, I, axis=1)           # [e, s]
+    G = xp.where(filled, xp.take_along_axis(S_T, I, axis=1), 0.0)
+    return G, xp.where(filled, I, -1).astype(xp.int64)
+
+
 def moe_ffn(x, gates, token_index, w_in, w_out):
     """Dispatch tokens to experts, run each expert's FFN, and combine (Eq. 3 and 4).
 

@@ -157,6 +157,9 @@ class Config:
                        "tests/CI")
     stop_after: int = _f(0, "simulate an interruption: stop each run (with a checkpoint) at the "
                         "first validation step >= N; 0 = off")
+    sample: str = _f("", "instead of training: greedy samples at batch size 1 from every router "
+                     "(first seed) of the finished run directory SAMPLE, added to its "
+                     "results.json / results.md (expert choice samples with threshold routing)")
 
 
 # The T5 setting of the first release (its results: assets/t5_*). Used for the flags not given.
@@ -688,21 +691,71 @@ def loss_fn(model, batch, cfg):
     return ce, loss, outs
 
 
+def expert_choice_layers(model):
+    """The model's expert-choice MoE layers: the ones with inference thresholds."""
+    return [m for _, m in model.moe_layers() if m.router == "expert_choice"]
+
+
 @torch.no_grad()
-def evaluate(model, batches, device):
+def evaluate(model, batches, device, routing="group", stats=None):
     """Cross-entropy of each fixed validation batch -> list of floats (one sync per batch).
 
     Validation uses the SAME batch size as training: routing groups are positions across the
     batch, so the group size sets the bucket size k = ceil(n*c/e); another batch size would
     evaluate a differently-routed model. top2_gshard's random second expert draws from a fixed
-    seed here, so every validation of every run sees the same draws."""
+    seed here, so every validation of every run sees the same draws.
+    routing: "group" (as in training) or "threshold" (expert-choice layers route token by token
+    with their learned thresholds; other layers as in training). stats: a list that gets one
+    [MoE layer] list of RoutingStats per batch."""
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(VAL_SEED)
-        losses = [F.cross_entropy(model(*[t.to(device) for t in inputs])[0].flatten(0, 1).float(),
-                                  tgt.to(device).flatten()).item() for *inputs, tgt in batches]
-    model.train()
-    return losses
+    for m in expert_choice_layers(model):
+        m.eval_routing = routing
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(VAL_SEED)
+            losses = []
+            for *inputs, tgt in batches:
+                logits, outs = model(*[t.to(device) for t in inputs])
+                losses.append(F.cross_entropy(logits.flatten(0, 1).float(),
+                                              tgt.to(device).flatten()).item())
+                if stats is not None:
+                    stats.append([o.stats for o in outs])
+    finally:
+        for m in expert_choice_layers(model):
+            m.eval_routing = "group"
+        model.train()
+    return average_over_ranks(losses)   # torchrun: each rank's rows -> the whole batch's loss
+
+
+def single_rows(batches):
+    """The same validation sequences as batches of ONE sequence (inference / sampling)."""
+    return [[t[i:i + 1] for t in batch] for batch in batches for i in range(len(batch[0]))]
+
+
+def inference_eval(model, vals, device):
+    """Validation loss the way the model would be used at inference: batch size 1.
+
+    -> dict: group_1 (every router routes as in training, but in groups of one sequence: for
+    expert choice at batch size 1 every expert takes every token, k clips to 1), and for
+    expert-choice models threshold_B / threshold_1 (threshold routing at the training batch
+    size and at batch size 1: equal up to float error, since the rule is per token) with the
+    loads threshold routing gives each MoE layer at batch size 1: expert_load (fraction of
+    tokens each expert takes, per layer) and experts_per_token (bins 0, 1, 2, 3-4, >4)."""
+    rows = single_rows(vals)
+    try:
+        out = dict(group_1=float(np.mean(evaluate(model, rows, device))))
+    except ValueError as e:      # capped EC: infeasible in a group of one token
+        return dict(group_1=None, error=str(e))
+    if expert_choice_layers(model):
+        out["threshold_B"] = float(np.mean(evaluate(model, vals, device, "threshold")))
+        stats = []
+        out["threshold_1"] = float(np.mean(evaluate(model, rows, device, "threshold", stats)))
+        out["threshold_loads"] = {
+            n: dict(expert_load=torch.stack([s[i].expert_load for s in stats]).mean(0).tolist(),
+                    experts_per_token=torch.stack([s[i].experts_per_token for s in stats])
+                    .mean(0).tolist())
+            for i, (n, m) in enumerate(model.moe_layers()) if m.router == "expert_choice"}
+    return out
 
 
 STAT_KEYS = ("unrouted_fraction", "dropped_fraction", "load_max_over_mean", "overflow_fraction")
@@ -809,9 +862,10 @@ def run_one(cfg, router, seed, corpus, report=print):
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                 weight_decay=0.0)
         names = [n for n, _ in model.moe_layers()]
+        ec_names = [n for n, m in model.moe_layers() if m.router == "expert_choice"]
         log = dict(train_loss=[], val_step=[], val_loss=[], val_batch_loss=[], val_time=[],
                    stats_window=[], stats_sum=[[0.0] * 9 for _ in names], train_time=0.0,
-                   stat_steps=0)
+                   stat_steps=0, val_loss_threshold=[], thresholds=[])
         start = 0
         if cfg.resume and ckpt_path.exists():
             # weights_only: loading never runs pickled code. Load to CPU: the RNG states must
@@ -847,11 +901,15 @@ def run_one(cfg, router, seed, corpus, report=print):
             if (step + 1) % cfg.eval_every == 0 or last:
                 average_window(win_loss, win)           # torchrun: the global batch's
                 log["train_loss"] += torch.stack(win_loss).tolist()
-                batch_losses = average_over_ranks(evaluate(model, vals, device))
+                batch_losses = evaluate(model, vals, device)
                 log["val_step"].append(step + 1)
                 log["val_loss"].append(float(np.mean(batch_losses)))
                 log["val_batch_loss"].append(batch_losses)
                 log["val_time"].append(log["train_time"])
+                if ec_names:  # inference thresholds: their drift, and the loss they give
+                    log["thresholds"].append([m.threshold.tolist() for m in expert_choice_layers(model)])
+                    log["val_loss_threshold"].append(float(np.mean(
+                        evaluate(model, vals, device, "threshold"))))
                 if names:
                     log["stats_window"].append((win / win_n).tolist())
                     total = torch.tensor(log["stats_sum"], dtype=torch.float64) + win.cpu()
@@ -884,7 +942,12 @@ def run_one(cfg, router, seed, corpus, report=print):
                       stats={n: _stats_dict(S[i]) for i, n in enumerate(names)},
                       stats_over_training={n: [_stats_dict(w[i]) for w in log["stats_window"]]
                                            for i, n in enumerate(names)},
-                      config=result_config(cfg, corpus["info"]))
+                      config=result_config(cfg, corpus["info"]),
+                      inference=inference_eval(model, vals, device))
+        if ec_names:
+            result.update(val_loss_threshold=log["val_loss_threshold"],
+                          thresholds_over_training={n: [t[i] for t in log["thresholds"]]
+                                                    for i, n in enumerate(ec_names)})
         weights = {k: v.detach().cpu() for k, v in full_state(model).items()}
         _atomic_write(model_path(cfg.out, router, seed), lambda t: torch.save(
             dict(model=weights, config=dataclasses.asdict(cfg), router=router, seed=seed), t))
@@ -894,6 +957,92 @@ def run_one(cfg, router, seed, corpus, report=print):
         return result
     finally:
         torch.set_num_threads(old_threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling at batch size 1: how a trained model is used, one sequence at a time.
+
+SAMPLE_PROMPTS, SAMPLE_NEW_BYTES = 3, 64
+
+
+def sample_prompts(corpus, cfg):
+    """SAMPLE_PROMPTS deterministic prompts from the held-out text: each starts at a line that
+    opens a `def`, spread over the validation text. lm: the first chunk_bytes - 16 bytes;
+    t5: a chunk_bytes chunk, span-corrupted (encoder input) -> list of token-id lists."""
+    val = corpus["val"].tobytes()
+    prompts = []
+    for i in range(SAMPLE_PROMPTS):
+        at = val.find(b"\ndef ", len(val) * i // SAMPLE_PROMPTS) + 1
+        chunk = np.frombuffer(val[at:at + cfg.chunk_bytes], np.uint8)
+        if cfg.arch == "lm":
+            prompts.append((chunk[:cfg.chunk_bytes - 16].astype(np.int64) + BYTE0).tolist())
+        else:
+            prompts.append(span_corrupt(chunk, np.random.default_rng([VAL_SEED, i]), cfg)[0].tolist())
+    return prompts
+
+
+@torch.no_grad()
+def generate(model, cfg, prompt, device, new=SAMPLE_NEW_BYTES):
+    """Greedy decoding at batch size 1 (argmax; no KV cache: each step reruns the prefix).
+    lm: continue `prompt` by `new` tokens; t5: decode the sentinel fills of the encoder input
+    `prompt` until EOS or `new` tokens. -> the generated token ids."""
+    ids = torch.tensor([prompt], device=device)                               # [1, P]
+    out = torch.tensor([[PAD]], device=device) if cfg.arch == "t5" else ids    # [1, t]
+    for _ in range(new):
+        logits = (model(ids, out) if cfg.arch == "t5" else model(out))[0]     # [1, t, V]
+        nxt = logits[:, -1].argmax(-1, keepdim=True)                           # [1, 1]
+        out = torch.cat([out, nxt], dim=1)
+        if cfg.arch == "t5" and int(nxt) == EOS:
+            break
+    return out[0, len(prompt) if cfg.arch == "lm" else 1:].tolist()
+
+
+def detokenize(ids):
+    """Token ids -> readable text: bytes as UTF-8 (invalid bytes replaced), t5 sentinels as
+    <Xi>, EOS as <eos>, control characters escaped (newline as \\n: one line per sample)."""
+    parts, buf = [], bytearray()
+    for t in ids:
+        if BYTE0 <= t < SENTINEL0:
+            buf.append(t - BYTE0)
+            continue
+        parts.append(buf.decode("utf-8", "replace"))
+        buf = bytearray()
+        parts.append("<eos>" if t == EOS else "<pad>" if t == PAD else f"<X{t - SENTINEL0}>")
+    parts.append(buf.decode("utf-8", "replace"))
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in "".join(parts))
+
+
+def sample_run(run_dir, argv, device):
+    """train_tiny --sample RUN_DIR: greedy samples of every router's first seed at batch size 1,
+    stored as results.json["samples"] and shown in results.md."""
+    run_dir = Path(run_dir)
+    res = compare.load(run_dir)
+    seed, prompts, by_router = res["seeds"][0], None, {}
+    for router in res["routers"]:
+        model, cfg = load_model(run_dir, router, seed, device)
+        ec = expert_choice_layers(model)
+        for m in ec:
+            m.eval_routing = "threshold"
+        if prompts is None:             # the same prompts for every router
+            prompts = sample_prompts(load_corpus(cfg), cfg)
+        try:
+            texts = [detokenize(generate(model, cfg, p, device)) for p in prompts]
+            routing = "threshold" if ec else "as in training"
+        except ValueError as e:                    # capped EC: no group of one token fits
+            texts, routing = ["(cannot run at batch size 1: " + str(e).split(":")[0] + ")"] * \
+                len(prompts), "-"
+        by_router[router] = dict(texts=texts, routing=routing)
+        print(f"{router}: {texts[0]!r}")
+    res["samples"] = dict(
+        command=shlex.join(["python", "train_tiny.py", *argv]), seed=seed,
+        how=f"greedy (argmax) decoding at batch size 1 from seed {seed}'s final weights, "
+            + (f"{SAMPLE_NEW_BYTES} new bytes after each prompt" if cfg.arch == "lm" else
+               "the decoder fills the sentinels <Xi> of the span-corrupted prompt"),
+        prompts=[detokenize(p) for p in prompts], by_router=by_router)
+    _write_json(run_dir / "results.json", res)
+    _atomic_write(run_dir / "results.md", lambda t: Path(t).write_text(compare.markdown(res)))
+    print(f"wrote samples into {run_dir / 'results.json'} and {run_dir / 'results.md'}")
+    return res["samples"]
 
 
 # Worker-process plumbing: each worker gets the corpus once and reports progress on a queue.
@@ -930,6 +1079,11 @@ def _worker_run(cfg, router, seed):
 #   (ckpt/ROUTER_sSEED.rankRofW.pt: its expert slice and optimizer state); --resume needs the
 #   same W, and refuses (via the world_size in the run config) a run made with another W.
 #   Multi-node: --out must be on a filesystem every node sees.
+# - Evaluation: evaluate() averages each batch's loss over the ranks (every caller gets the
+#   whole batch's loss, threshold and batch-size-1 evaluations included); the expert-choice
+#   thresholds are averaged over ranks as they are learned (ecmoe.MoE.update_threshold), so they
+#   are the same on every rank. The per-layer threshold loads of inference_eval are rank 0's.
+#   --sample runs on one process only.
 # - Output: ranks other than 0 print nothing (stdout to /dev/null); errors still reach stderr.
 
 _DIST = dict(world=1, rank=0, backend=None)  # set by init_distributed under torchrun
@@ -951,6 +1105,8 @@ def init_distributed(cfg, parser):
         parser.error(f"--experts {cfg.experts} must be divisible by the {W} torchrun processes "
                      "(each holds experts/W experts of every MoE layer)")
     validate(dataclasses.replace(cfg, batch_size=B // W), parser)  # capped EC: per-rank groups
+    if cfg.sample:
+        parser.error("--sample runs on one process: start it with python, not torchrun")
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     if cfg.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -1164,6 +1320,10 @@ def main(argv=None):
     t_start = time.time()
     cfg, parser = parse_config(argv)
     init_distributed(cfg, parser)                      # torchrun only (section Distributed)
+    if cfg.sample:
+        if not (Path(cfg.sample) / "results.json").exists():
+            parser.error(f"--sample: {cfg.sample!r} has no results.json (not a finished run)")
+        return sample_run(cfg.sample, argv, torch.device(cfg.device))
     check_out_dir(cfg.out, parser)
     routers, seeds = router_list(cfg), [int(s) for s in cfg.seeds.split(",")]
     try:

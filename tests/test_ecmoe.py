@@ -803,3 +803,154 @@ def test_bench_quick_runs(tmp_path):
     result = json.loads(path.read_text())
     assert {"hardware", "torch", "threads", "rows"} <= set(result)
     assert result["rows"] and all("dense_ms" in row and "ec_ms" in row for row in result["rows"])
+
+
+# ----------------------------------------------------------------------------- inference: thresholds
+def trained_threshold_layer(group="position", seed=0, steps=3, **kw):
+    """An expert-choice layer (float64) after a few training-mode forwards, switched to eval."""
+    layer = make_layer("expert_choice", group, seed=seed, eval_routing="threshold", **kw).double()
+    g = torch.Generator().manual_seed(seed + 100)
+    for _ in range(steps):
+        layer(torch.randn(6, 5, 8, generator=g, dtype=torch.float64))
+    return layer.eval()
+
+
+def test_threshold_choice_tiny_case_by_hand():
+    """threshold_choice: token t goes to expert i iff S[t, i] >= threshold[i]; slots best first."""
+    probs = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]], dtype=torch.float64)
+    gates, index = ecmoe.threshold_choice(probs, torch.tensor([0.5, 0.8], dtype=torch.float64))
+    # expert 0 takes tokens 0 (0.6) and 2 (0.5 >= 0.5); expert 1 takes none (0.7 < 0.8)
+    assert index.tolist() == [[0, 2], [-1, -1]]
+    assert gates.tolist() == [[0.6, 0.5], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n,e", [(1, 4), (7, 3), (33, 8)])
+def test_threshold_choice_matches_reference_float64(n, e, seed):
+    """threshold_choice equals reference_numpy's, thresholds picking none, some or all tokens."""
+    probs = softmax_probs(n, e, seed=seed, scale=2.0)
+    g = torch.Generator().manual_seed(seed)
+    for threshold in (torch.rand(e, generator=g, dtype=torch.float64) / e, torch.zeros(e, dtype=torch.float64),
+                      torch.full((e,), 2.0, dtype=torch.float64)):
+        gates, index = ecmoe.threshold_choice(probs, threshold)
+        ref_gates, ref_index = ref.threshold_choice(probs.numpy(), threshold.numpy())
+        assert index.tolist() == ref_index.tolist()
+        np.testing.assert_allclose(gates.numpy(), ref_gates, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_threshold_routing_is_batch_independent(group):
+    """eval_routing="threshold": a sequence's output alone equals its output inside any batch."""
+    layer = trained_threshold_layer(group)
+    x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    alone = torch.cat([layer(x[i:i + 1]).y for i in range(8)])
+    for B in (2, 4, 8):
+        together = torch.cat([layer(x[i:i + B]).y for i in range(0, 8, B)])
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_threshold_routing_is_causal_at_batch_size_one(group):
+    """eval_routing="threshold", batch size 1: changing tokens after t leaves outputs <= t alone
+    (even for group="batch" and "sequence", whose group routing sees the future)."""
+    layer = trained_threshold_layer(group)
+    x = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for t in range(5):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn(1, 5 - t, 8, dtype=torch.float64) * 3
+        # not bitwise: the busiest expert's slot count (a matmul shape) may change
+        torch.testing.assert_close(layer(x2).y[:, :t + 1], layer(x).y[:, :t + 1], rtol=0, atol=1e-12)
+
+
+def test_thresholds_move_in_training_forwards_only():
+    """threshold and threshold_updates change in train() forwards, never in eval(), either mode."""
+    layer = make_layer("expert_choice", "position", eval_routing="threshold").double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    before = layer.threshold.clone()
+    layer(x)
+    assert int(layer.threshold_updates) == 1 and not torch.equal(layer.threshold, before)
+    for mode in ("threshold", "group"):
+        layer.eval_routing = mode
+        layer.eval()
+        frozen = layer.threshold.clone()
+        with torch.no_grad():
+            layer(x)
+        assert torch.equal(layer.threshold, frozen) and int(layer.threshold_updates) == 1
+        layer.train()
+
+
+def test_threshold_is_an_ema_of_the_kth_best_score():
+    """threshold = EMA (decay 0.9 here) of each expert's k-th best probability, mean over groups;
+    the first forward sets it."""
+    layer = make_layer("expert_choice", "position", threshold_decay=0.9).double()
+    xs = [torch.randn(4, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+          for s in range(2)]
+    kth = []
+    for x in xs:
+        layer(x)
+        probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router).detach().numpy()
+        k = ecmoe.expert_capacity(4, 4, 2.0)
+        kth.append(np.mean([ref.expert_choice(p, k)[0][:, -1] for p in probs], axis=0))
+    np.testing.assert_allclose(layer.threshold.numpy(), 0.9 * kth[0] + 0.1 * kth[1], rtol=0, atol=1e-12)
+
+
+def test_thresholds_survive_save_and_load(tmp_path):
+    """threshold buffers travel in state_dict: a reloaded layer routes the same at inference."""
+    layer = trained_threshold_layer()
+    torch.save(layer.state_dict(), tmp_path / "moe.pt")
+    fresh = make_layer("expert_choice", "position", seed=5, eval_routing="threshold").double()
+    fresh.load_state_dict(torch.load(tmp_path / "moe.pt", weights_only=True))
+    fresh.eval()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    assert torch.equal(fresh.threshold, layer.threshold) and int(fresh.threshold_updates) == 3
+    torch.testing.assert_close(fresh(x).y, layer(x).y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_eval_routing_is_bitwise_the_plain_layer(group):
+    """eval_routing="group" (default) and "threshold" in training mode compute exactly the
+    functional expert_choice layer: thresholds are bookkeeping only."""
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    for mode in ("group", "threshold"):
+        layer = make_layer("expert_choice", group, eval_routing=mode).double()
+        xg = layer.group_tokens(x)
+        probs = ecmoe.router_probs(xg, layer.w_router)
+        gates, index = ecmoe.expert_choice(probs, ecmoe.expert_capacity(xg.shape[1], 4, 2.0))
+        plain = layer.ungroup_tokens(ecmoe.moe_ffn(xg, gates, index, layer.w_in, layer.w_out), 4, 5)
+        assert torch.equal(layer(x).y, plain)          # training mode
+        if mode == "group":
+            assert torch.equal(layer.eval()(x).y, plain)
+
+
+def test_threshold_stats_report_loads_around_k():
+    """In threshold routing, expert_load and load/overflow describe the varying buckets."""
+    layer = trained_threshold_layer(steps=20)
+    out = layer(torch.randn(64, 5, 8, dtype=torch.float64))
+    load = out.stats.expert_load
+    assert load.shape == (4,) and bool((load >= 0).all())
+    assert float(out.stats.load_max_over_mean) >= 1.0
+    layer.train()
+    trained = layer(torch.randn(64, 5, 8, dtype=torch.float64)).stats
+    # group routing: every expert takes exactly k of the n tokens of a group
+    assert torch.allclose(trained.expert_load, torch.full((4,), ecmoe.expert_capacity(64, 4, 2.0) / 64,
+                                                          dtype=trained.expert_load.dtype))
+
+
+def test_bad_eval_routing_raises_clear_errors():
+    """Bad eval_routing / threshold_decay values, and thresholds never trained, name the problem."""
+    with pytest.raises(ValueError, match="eval_routing must be 'group' or 'threshold'"):
+        ecmoe.MoE(8, 16, 4, eval_routing="greedy")
+    for router in ("capped_expert_choice", "top2", "top1"):
+        with pytest.raises(ValueError, match="needs router='expert_choice'"):
+            ecmoe.MoE(8, 16, 4, router=router, eval_routing="threshold")
+    for decay in (1.0, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="threshold_decay"):
+            ecmoe.MoE(8, 16, 4, threshold_decay=decay)
+    fresh = ecmoe.MoE(8, 16, 4, eval_routing="threshold").eval()
+    with pytest.raises(ValueError, match="never run a training-mode forward"):
+        fresh(torch.randn(2, 3, 8))
+    fresh.eval_routing = "thresh"                   # a bad attribute is caught at the forward
+    with pytest.raises(ValueError, match="eval_routing must be"):
+        fresh(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"threshold must have shape \[e=4\]"):
+        ecmoe.threshold_choice(softmax_probs(3, 4), torch.zeros(3, dtype=torch.float64))

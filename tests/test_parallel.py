@@ -37,6 +37,13 @@ def full_layer(router, group):
     return layer
 
 
+def threshold_layer(group):
+    """An expert-choice layer that routes by learned thresholds in eval mode."""
+    layer = full_layer("expert_choice", group)
+    layer.eval_routing = "threshold"
+    return layer
+
+
 def global_inputs(W, case):
     """Every rank's x [W*B, T, D] and loss weights [W*B, T, D]: rank r takes rows r*B .. r*B+B-1."""
     g = torch.Generator().manual_seed(1_000 + case)
@@ -68,6 +75,13 @@ def _worker(rank, W, init_file, out_dir):
         x, weight = global_inputs(W, case)
         rows = slice(rank * B, (rank + 1) * B)
         results[router, group] = forward_backward(layer, x[rows], weight[rows], 100 + rank)
+    # threshold routing (eval) after one training forward: thresholds averaged over the ranks
+    for group in ecmoe.GROUPS:
+        layer = ecmoe.shard_experts(threshold_layer(group), world)
+        x = global_inputs(W, 99)[0][rank * B:(rank + 1) * B]
+        layer(x)  # training mode: learns the thresholds
+        layer.eval()
+        results["threshold", group] = dict(threshold=layer.threshold.clone(), y=layer(x).y.detach())
     # checks that need the group; their outcomes go to the parent as plain values
     checks = {}
     torch.manual_seed(5)
@@ -126,6 +140,29 @@ def test_sharded_layer_equals_single_process(parallel, router, group):
             torch.testing.assert_close(got[key], summed, rtol=0, atol=ATOL, msg=f"rank {r} {key}")
 
 
+def test_threshold_routing_is_learned_and_applied_as_on_one_process(parallel):
+    """Expert-choice thresholds learned on W ranks equal one process's on the global batch (for
+    sequence groups: the same groups), and eval routing by thresholds (slots differ between ranks:
+    padded) gives each rank the single-process output."""
+    W, ranks = parallel
+    x = global_inputs(W, 99)[0]
+    for group in ecmoe.GROUPS:
+        if group == "sequence":  # one process on all W*B rows forms exactly the ranks' groups
+            whole = threshold_layer(group)
+            whole(x)
+            for r in range(W):
+                torch.testing.assert_close(ranks[r]["results"]["threshold", group]["threshold"],
+                                           whole.threshold, rtol=0, atol=ATOL)
+        for r in range(W):
+            got = ranks[r]["results"]["threshold", group]
+            layer = threshold_layer(group)
+            with torch.no_grad():
+                layer.threshold.copy_(got["threshold"])
+                layer.threshold_updates.fill_(1)
+            layer.eval()
+            torch.testing.assert_close(got["y"], layer(x[r * B:(r + 1) * B]).y, rtol=0, atol=ATOL)
+
+
 def test_dropless_ranks_really_differ_in_slots(parallel):
     """top2_dropless is tested where the ranks' slot counts differ, so the padding path runs."""
     W, _ = parallel
@@ -165,7 +202,7 @@ def test_no_group_is_the_plain_layer():
     """Without a group nothing changes: same parameters and keys; a group needs torch.distributed."""
     layer = ecmoe.MoE(D, F_, E)
     assert layer.expert_parallel_group is None and layer.w_in.shape == (E, D, F_)
-    assert list(layer.state_dict()) == ["w_router", "w_in", "w_out"]
+    assert [name for name, _ in layer.named_parameters()] == ["w_router", "w_in", "w_out"]
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="init_process_group"):
             ecmoe.MoE(D, F_, E, expert_parallel_group=object())

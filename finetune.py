@@ -1,0 +1,1112 @@
+"""Fine-tuning after pretraining: does expert choice fine-tune better on downstream tasks?
+
+What it does
+    The paper's second claim (Zhou et al. 2022, Sec. 4.3, Table 2): after pretraining, expert
+    choice fine-tunes better on GLUE / SuperGLUE (100M/32E, average: top-1 80.6, top-2 83.5,
+    EC-CF2 85.0). GLUE cannot be downloaded here, so this file builds a small downstream suite
+    from the Python standard library source (parsed with `ast`) and fine-tunes every finished
+    train_tiny run (every router, every seed) on it with one recipe, then compares the routers
+    paired by seed, with a positive and a null control.
+
+Run
+    python train_tiny.py --routers top1,top2,ec1,ec2,top2_dropless,dense,top2_aa --out runs/ft
+    python finetune.py runs/ft                 # every router and seed of the run, 3 tasks
+    python finetune.py runs/ft --help          # every flag with its default
+    python finetune.py runs/ft --resume        # skip the (router, seed, task) already finished
+    python finetune.py runs/dry --dry-run      # 2 steps per task on a tiny suite, for tests/CI
+                                               # (runs/dry from: train_tiny.py --dry-run --out runs/dry)
+
+The task suite (built in a few seconds, deterministic: numpy default_rng with fixed seeds)
+    Pretraining (train_tiny.load_corpus) holds out every 20th stdlib file (i % 20 == 10 of the
+    sorted list of train_tiny.stdlib_files()). Splits, by FILE:
+        train       pretraining-train files (i % 20 != 10): seen in pretraining, as GLUE's
+                    training text may be; only the task format is new
+        validation  held-out files 0, 2, 4, ... (of the sorted held-out list)
+        test        held-out files 1, 3, 5, ...
+    so no validation or test example comes from a file the model was pretrained on. Within a
+    split, examples are unique by prompt; validation and test also drop every prompt that occurs
+    in the train pool (identical code appears in several files, e.g. the encodings/ modules).
+
+    task   kind and content                          prompt -> answer           metric, baseline
+    name   generation: the first --body-bytes bytes  'return self._x' + '\\ndef ' exact match;
+           of a function body -> its name and "("     -> 'get_x('                majority = the
+           (greedy; stops at "(" or --name-bytes)                                most frequent
+                                                                                 train name
+    valid  binary: a one-line simple statement as     'f(a[1])  # ok? ' -> 'y'   accuracy;
+           written (y) or with one bracket deleted    'f(a[1]  # ok? ' -> 'n'    balanced 50/50
+           (n; checked: ast.parse fails on it, and
+           parses every y statement)
+    root   5-way: the type of a one-line expression's 'x.y[i] + 1  # root: '     accuracy;
+           root node: c Call, a Attribute, s          -> 'o'                     balanced, ~20%
+           Subscript, o BinOp, = Compare
+    Expressions and statements are single-line ast nodes of at most --stmt-bytes bytes
+    (expressions at least ROOT_MIN_BYTES). Prompts are FIXED-LENGTH per task, left-padded with
+    PAD (token 0): all rows of a batch share positions, and the MoE layers route in position
+    groups (tokens at one position across the batch, as in pretraining).
+    Classification is rank classification: one forward, the label bytes' logits at the answer
+    position are compared (training: cross-entropy over the full vocabulary on the answer byte).
+
+Fine-tuning recipe (one for every run; the defaults below are the committed recipe)
+    AdamW (beta 0.9/0.95, eps 1e-8, no weight decay), grad-clip 1.0, --lr with linear warmup over
+    --warmup steps and linear decay to 0 at --steps; --batch-size examples per step drawn without
+    replacement from the task's train split by default_rng([seed, task, step]): every router of
+    a seed sees the same batches (paired). Loss: cross-entropy on the answer tokens only, plus
+    the router losses of pretraining with the same weights (z-loss for every MoE, Switch
+    load-balancing loss for token choice; train_tiny.loss_fn). Routing as in pretraining: the
+    same layers, capacity factor c and position groups, over the fine-tuning batch; evaluation
+    (validation and test, once, after the last step) uses the same batch size (the last batch is
+    filled with repeats of the split's first examples, which are not scored) and the same c.
+    Both --arch modes of the pretraining run: lm (sequence = prompt then answer) and t5 (encoder
+    gets the prompt, decoder produces the answer, starting from PAD as in pretraining).
+
+Controls
+    positive  "scratch": the same fine-tuning from a randomly initialised (train_tiny
+              .init_weights, per seed) dense model. Pretrained dense must beat it (paired by
+              seed, 95% CI above 0), else pretraining does not show on that task and the task
+              cannot rank pretrained routers.
+    null      top2_aa (same router and init as top2, pretrained on another data order) vs top2:
+              must come out null.
+
+Outputs (written atomically into RUN_DIR, or --out): finetune_runs/TASK_ROUTER_sSEED.json as
+each fine-tuning finishes (--resume skips those), and at the end finetune.json (every raw score,
+recipe, suite, command, hardware, wall time), finetune.md (tables with baselines beside) and
+finetune.png (per-task scores with 95% CIs; paired differences with the zero line).
+
+References: Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022
+(arXiv:2202.09368), Sec. 4.3 and Table 2; Raffel et al. 2020 (T5 fine-tuning as text-to-text,
+rank classification).
+
+Shape legend: B batch, P prompt length, A answer length, S encoder length, T decoder / LM length,
+V vocab, K number of labels, N examples.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import platform
+import shlex
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import compare
+import train_tiny as tt
+
+PAD, EOS, BYTE0 = tt.PAD, tt.EOS, tt.BYTE0
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    run_dir: str = _f("", "pretraining run directory (train_tiny --out) holding "
+                      "models/ROUTER_sSEED.pt")
+    routers: str = _f("", "comma list of pretrained routers to fine-tune; empty = every router of "
+                      "RUN_DIR/results.json (else of RUN_DIR/models/)")
+    seeds: str = _f("", "comma list of seeds; empty = every seed of the run")
+    tasks: str = _f("name,valid,root", "comma list of tasks from name, valid, root")
+    no_scratch: bool = _f(False, "skip the positive control (dense from random init per seed)")
+    steps: int = _f(200, "fine-tuning steps per (router, seed, task)")
+    lr: float = _f(1e-3, "peak learning rate (linear warmup, then linear decay to 0)")
+    warmup: int = _f(20, "linear warmup steps")
+    batch_size: int = _f(32, "examples per step; evaluation uses the same (routing groups!)")
+    train_examples: int = _f(4096, "examples in each task's train split")
+    val_examples: int = _f(256, "examples in each validation split (fewer if the held-out files "
+                           "have fewer)")
+    test_examples: int = _f(512, "examples in each test split (fewer if the held-out files have "
+                            "fewer)")
+    body_bytes: int = _f(64, "name: bytes of the function body in the prompt")
+    name_bytes: int = _f(20, "name: longest answer (name + '(') in bytes; longer names are not "
+                         "used, generation stops after this many bytes")
+    stmt_bytes: int = _f(64, "valid / root: longest statement / expression in bytes")
+    out: str = _f("", "output directory; empty = RUN_DIR (dry run: RUN_DIR/finetune_dry_run)")
+    resume: bool = _f(False, "reuse the finished per-(router, seed, task) results in --out")
+    workers: int = _f(2, "worker processes (each torch.set_num_threads(--threads)); 1 = in-process")
+    threads: int = _f(1, "torch threads per worker")
+    device: str = _f("auto", "auto | cpu | cuda")
+    dry_run: bool = _f(False, "2 steps per task on a tiny suite (for tests / CI)")
+
+
+DRY_RUN = dict(steps=2, warmup=1, batch_size=4, train_examples=16, val_examples=6,
+               test_examples=6, body_bytes=32, name_bytes=12, stmt_bytes=32, workers=1)
+# Fields that change a fine-tuning result (a finished result made with others is not reused).
+RESULT_FIELDS = ("steps", "lr", "warmup", "batch_size", "train_examples", "val_examples",
+                 "test_examples", "body_bytes", "name_bytes", "stmt_bytes")
+SCRATCH = "scratch"          # the positive control's pseudo-router
+SPLIT_SEED = 20_220_209      # sampling of the suite (fixed: the same suite for every run)
+DATA_SEED = 31_337           # fine-tuning batch order: default_rng([DATA_SEED, seed, task, step])
+EVAL_SEED = tt.VAL_SEED      # torch seed during evaluation (top2_gshard's random draws)
+
+
+def build_parser(suppress_defaults=False):
+    p = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+        epilog="dry run: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
+    for f in dataclasses.fields(Config):
+        help = f.metadata["help"].replace("%", "%%")
+        kw = {} if suppress_defaults else {"default": f.default}
+        if f.name == "run_dir":
+            p.add_argument("run_dir", metavar="RUN_DIR", help=help, **kw)
+        elif f.type in ("bool", bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=help, **kw)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument("--" + f.name.replace("_", "-"), type=typ, help=help, **kw)
+    return p
+
+
+def parse_config(argv):
+    """argv -> (Config, parser); --dry-run fills only the flags the user did not give."""
+    parser = build_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    if cfg.dry_run:
+        for k, v in DRY_RUN.items():
+            if k not in given:
+                setattr(cfg, k, v)
+    if not cfg.out:
+        cfg.out = str(Path(cfg.run_dir) / "finetune_dry_run") if cfg.dry_run else cfg.run_dir
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    validate(cfg, parser)
+    return cfg, parser
+
+
+def task_list(cfg):
+    return [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+
+
+def validate(cfg, parser):
+    """Clear errors (SystemExit via parser.error) naming the flag. Checks against RUN_DIR
+    (routers, seeds, batch size vs routing groups) are in resolve_run()."""
+    tasks = task_list(cfg)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks or len(set(tasks)) != len(tasks):
+        parser.error(f"--tasks: expected distinct tasks from {', '.join(TASKS)}; got "
+                     f"{cfg.tasks!r}")
+    for name in ("steps", "batch_size", "train_examples", "val_examples", "test_examples",
+                 "workers", "threads"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {cfg.warmup}")
+    if not cfg.lr > 0:
+        parser.error(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.train_examples < cfg.batch_size:
+        parser.error(f"--train-examples ({cfg.train_examples}) must be >= --batch-size "
+                     f"({cfg.batch_size}): batches are drawn without replacement")
+    for name, lo in (("body_bytes", 8), ("stmt_bytes", ROOT_MIN_BYTES), ("name_bytes", 2)):
+        if getattr(cfg, name) < lo:
+            parser.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(cfg, name)}")
+    if cfg.device not in ("cpu", "cuda"):
+        parser.error(f"--device: {cfg.device!r} not in ('auto', 'cpu', 'cuda')")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if cfg.routers and SCRATCH in cfg.routers.split(","):
+        parser.error(f"--routers: {SCRATCH!r} is the positive control, added unless "
+                     "--no-scratch; not a pretrained router")
+    for flag in ("routers", "seeds"):
+        if getattr(cfg, flag) and not [x for x in getattr(cfg, flag).split(",") if x.strip()]:
+            parser.error(f"--{flag}: empty list {getattr(cfg, flag)!r}")
+    if cfg.seeds:
+        try:
+            [int(s) for s in cfg.seeds.split(",")]
+        except ValueError:
+            parser.error(f"--seeds: expected comma-separated integers, got {cfg.seeds!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The task suite: examples from ast nodes of stdlib files, split by file.
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str                 # "generate" | "classify"
+    metric: str               # what the score (in %) measures
+    cue: bytes                # appended to the content: ends every prompt
+    labels: tuple = ()        # classify: one answer byte per class
+    classes: tuple = ()       # classify: what each label means
+    stop: bytes = b""         # generate: the byte that ends an answer
+
+
+TASKS = {
+    "name": Task("name", "generate", "exact match", b"\ndef ", stop=b"("),
+    "valid": Task("valid", "classify", "accuracy", b"  # ok? ", labels=(b"y", b"n"),
+                  classes=("parses", "one bracket deleted")),
+    "root": Task("root", "classify", "accuracy", b"  # root: ",
+                 labels=(b"c", b"a", b"s", b"o", b"="),
+                 classes=("Call", "Attribute", "Subscript", "BinOp", "Compare")),
+}
+SPLITS = ("train", "val", "test")
+ROOT_MIN_BYTES = 12            # shorter expressions are mostly trivial (a name and one call)
+BODY_MIN_BYTES = 16            # name: skip functions with almost no body
+BRACKETS = b"()[]{}"
+SIMPLE_STMTS = (ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Delete,
+                ast.Raise, ast.Assert, ast.Import, ast.ImportFrom)
+
+
+def parses(src, mode="exec"):
+    """Whether src (bytes) is syntactically valid Python (ast.parse; no compile-time checks)."""
+    try:
+        ast.parse(src, mode=mode)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def split_files(files):
+    """Sorted stdlib files -> {split: [file index]}: pretraining's held-out files (i % 20 == 10)
+    alternate between val and test; train = every pretraining-train file."""
+    held = [i for i in range(len(files)) if i % 20 == 10]
+    return dict(train=[i for i in range(len(files)) if i % 20 != 10], val=held[0::2],
+                test=held[1::2])
+
+
+def _body_text(node, lines):
+    """The source bytes of a function's body, dedented by its first statement's indentation."""
+    first = node.body[0]
+    rows = lines[first.lineno - 1:node.end_lineno]
+    indent = first.col_offset
+    out = [rows[0][indent:]]
+    for r in rows[1:]:
+        lead = len(r) - len(r.lstrip(b" \t"))
+        out.append(r[min(indent, lead):])
+    return b"\n".join(out)
+
+
+def file_candidates(src, cfg):
+    """Candidate examples of one file: {task: [(content bytes, answer)]} in source order.
+
+    name: (first body_bytes of the body, name bytes); valid: (one-line simple statement, None);
+    root: (one-line expression, class index). Offsets are UTF-8 byte offsets (ast's)."""
+    out = {t: [] for t in TASKS}
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError):
+        return out
+    lines = src.splitlines()
+    roots = {c: i for i, c in enumerate(TASKS["root"].classes)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            name = node.name.encode()
+            body = _body_text(node, lines)[:cfg.body_bytes]
+            if len(name) < cfg.name_bytes and name.isascii() and len(body) >= BODY_MIN_BYTES:
+                out["name"].append((body, name))
+            continue
+        if getattr(node, "lineno", None) is None or node.lineno != node.end_lineno:
+            continue
+        text = lines[node.lineno - 1][node.col_offset:node.end_col_offset]
+        if len(text) > cfg.stmt_bytes:
+            continue
+        if isinstance(node, SIMPLE_STMTS):
+            if any(b in BRACKETS for b in text) and parses(text):
+                out["valid"].append((text, None))
+        elif type(node).__name__ in roots and len(text) >= ROOT_MIN_BYTES:
+            # the segment must parse alone with the same root (not, e.g., part of an f-string)
+            try:
+                same = type(ast.parse(text, mode="eval").body) is type(node)
+            except (SyntaxError, ValueError):
+                same = False
+            if same:
+                out["root"].append((text, roots[type(node).__name__]))
+    return out
+
+
+def delete_bracket(text, rng):
+    """Delete one bracket of text (bytes) so that it no longer parses -> bytes, or None when
+    every single deletion still parses (all brackets inside string literals)."""
+    pos = [i for i, b in enumerate(text) if b in BRACKETS]
+    for i in rng.permutation(pos):
+        bad = text[:i] + text[i + 1:]
+        if not parses(bad):
+            return bad
+    return None
+
+
+def _pad_left(tokens, length):
+    return [PAD] * (length - len(tokens)) + tokens
+
+
+def encode_examples(task, items, cfg):
+    """[(content, answer bytes, source)] -> split dict of fixed-length token arrays:
+    prompt [N, P] (left-padded content + cue), answer [N, A] (PAD after the end), label [N]
+    (classify: class index, else -1), and text / answer_text / source lists."""
+    width = cfg.body_bytes if task.kind == "generate" else cfg.stmt_bytes
+    P = width + len(task.cue)
+    A = cfg.name_bytes if task.kind == "generate" else 1
+    prompt = np.zeros((len(items), P), np.int64)
+    answer = np.zeros((len(items), A), np.int64)
+    for j, (content, ans, _) in enumerate(items):
+        prompt[j] = _pad_left([b + BYTE0 for b in content + task.cue], P)
+        answer[j, :len(ans)] = [b + BYTE0 for b in ans]
+    label = np.array([task.labels.index(a) if task.kind == "classify" else -1
+                      for _, a, _ in items], np.int64)
+    return dict(prompt=prompt, answer=answer, label=label,
+                text=[c.decode("utf-8", "replace") for c, _, _ in items],
+                answer_text=[a.decode() for _, a, _ in items], source=[s for _, _, s in items])
+
+
+def _unique(cands, exclude=()):
+    """Drop repeated contents (first occurrence kept) and contents in `exclude`."""
+    seen, out = set(exclude), []
+    for c in cands:
+        if c[0] not in seen:
+            seen.add(c[0])
+            out.append(c)
+    return out
+
+
+def sample_split(task, split, pool, n, rng):
+    """Deterministic examples of one split -> [(content, answer bytes, source)].
+
+    name: n random functions. valid: n statements, the first n // 2 (of a random order) with a
+    bracket deleted (statements where no deletion breaks parsing are skipped). root: n // K per
+    class (the first n % K classes one more), capped by the smallest class pool."""
+    if task.name == "name":
+        pick = rng.permutation(len(pool))[:n]
+        return [(pool[i][0], pool[i][1] + task.stop, pool[i][2]) for i in pick]
+    if task.name == "valid":
+        out, n_bad = [], n // 2
+        for i in rng.permutation(len(pool)):
+            text, _, src = pool[i]
+            if len(out) < n_bad:
+                bad = delete_bracket(text, rng)
+                if bad is not None:
+                    out.append((bad, b"n", src))
+            else:
+                out.append((text, b"y", src))
+            if len(out) == n:
+                break
+        return [out[i] for i in rng.permutation(len(out))]
+    K = len(task.labels)
+    by_class = [[c for c in pool if c[1] == k] for k in range(K)]
+    per = min(n // K + 1, min(len(c) for c in by_class))
+    out = []
+    for k, cands in enumerate(by_class):
+        m = min(per, n // K + (k < n % K))
+        out += [(cands[i][0], task.labels[k], cands[i][2])
+                for i in rng.permutation(len(cands))[:m]]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def majority_baseline(task, data):
+    """Most frequent train answer applied to every val / test example -> {split: score %}."""
+    top = Counter(data["train"]["answer_text"]).most_common(1)[0][0]
+    return dict(answer=top, **{s: 100.0 * float(np.mean([a == top for a in
+                                                          data[s]["answer_text"]]))
+                               for s in ("val", "test")})
+
+
+def build_suite(cfg, tasks=None):
+    """-> dict(tasks={task: {train, val, test: encode_examples dicts, baseline, ...}}, info).
+
+    Deterministic: a pure function of the installed stdlib and the size flags."""
+    tasks = list(tasks or task_list(cfg))
+    root, files = tt.stdlib_files()
+    parts = split_files(files)
+    sha = hashlib.sha256()
+    pools = {s: {t: [] for t in TASKS} for s in SPLITS}
+    enabled = gc.isenabled()
+    gc.disable()            # ast trees are many small objects: collection cycles cost seconds
+    try:
+        for split in SPLITS:
+            for i in parts[split]:
+                src = files[i].read_bytes()
+                rel = str(files[i].relative_to(root))
+                for t, cands in file_candidates(src, cfg).items():
+                    pools[split][t] += [(c, a, rel) for c, a in cands]
+        for p in files:
+            sha.update(p.read_bytes())
+    finally:
+        if enabled:
+            gc.enable()
+    out = {}
+    n_want = dict(train=cfg.train_examples, val=cfg.val_examples, test=cfg.test_examples)
+    for ti, name in enumerate(tasks):
+        task = TASKS[name]
+        train_pool = _unique(pools["train"][name])
+        seen = {c[0] for c in train_pool}
+        data = dict(task=dataclasses.asdict(task), pool={})
+        for si, split in enumerate(SPLITS):
+            pool = train_pool if split == "train" else _unique(pools[split][name], seen)
+            rng = np.random.default_rng([SPLIT_SEED, list(TASKS).index(name), si])
+            items = sample_split(task, split, pool, n_want[split], rng)
+            if len(items) < (cfg.batch_size if split == "train" else 1):
+                raise ValueError(f"task {name!r}: only {len(items)} {split} examples (pool "
+                                 f"{len(pool)}); lower --batch-size or raise --stmt-bytes / "
+                                 "--body-bytes")
+            data[split] = encode_examples(task, items, cfg)
+            data["pool"][split] = len(pool)
+        data["baseline"] = majority_baseline(task, data)
+        data["chance"] = 100.0 / len(task.labels) if task.kind == "classify" else None
+        h = hashlib.sha256()
+        for split in SPLITS:
+            h.update(data[split]["prompt"].tobytes() + data[split]["answer"].tobytes())
+        data["sha256"] = h.hexdigest()
+        out[name] = data
+    files_of = {s: [str(files[i].relative_to(root)) for i in parts[s]] for s in ("val", "test")}
+    info = dict(source=f"python stdlib *.py ({root})", n_files=len(files),
+                stdlib_sha256=sha.hexdigest(), files=files_of,
+                n_train_files=len(parts["train"]),
+                split="train: pretraining-train files (i % 20 != 10); val / test: held-out "
+                      "files (i % 20 == 10), alternating")
+    return dict(tasks=out, info=info)
+
+
+def suite_summary(suite):
+    """JSON-friendly description of the suite: sizes, baselines, a few test examples."""
+    out = {}
+    for name, d in suite["tasks"].items():
+        out[name] = dict(task=d["task"], sizes={s: len(d[s]["answer_text"]) for s in SPLITS},
+                         pool=d["pool"], baseline=d["baseline"], chance=d["chance"],
+                         prompt_len=int(d["train"]["prompt"].shape[1]),
+                         answer_len=int(d["train"]["answer"].shape[1]), sha256=d["sha256"],
+                         examples=[dict(text=d["test"]["text"][j],
+                                        answer=d["test"]["answer_text"][j],
+                                        source=d["test"]["source"][j]) for j in range(3)
+                                   if j < len(d["test"]["text"])])
+        if d["task"]["kind"] == "classify":
+            out[name]["label_counts"] = {s: np.bincount(d[s]["label"], minlength=len(
+                d["task"]["labels"])).tolist() for s in SPLITS}
+    return dict(out, info=suite["info"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model inputs and metrics.
+
+
+def make_batch(data, idx, arch):
+    """Examples idx of a split -> (*model inputs, targets); targets are -100 except on answers.
+
+    lm: ids = prompt then answer[:-1]: ids [B, P + A - 1], targets [B, P + A - 1] (the answer
+        sits at positions P-1 .. P+A-2; a 1-byte answer needs the prompt only).
+    t5: enc [B, P] = prompt; dec_in [B, A] = PAD then answer[:-1]; targets [B, A] = answer."""
+    prompt = torch.from_numpy(data["prompt"][idx])                       # [B, P]
+    answer = torch.from_numpy(data["answer"][idx])                       # [B, A]
+    tgt = answer.masked_fill(answer == PAD, -100)                        # [B, A]
+    if arch == "lm":
+        ids = torch.cat([prompt, answer[:, :-1]], dim=1)                 # [B, P + A - 1]
+        ignore = torch.full((len(idx), prompt.shape[1] - 1), -100)
+        return ids, torch.cat([ignore, tgt], dim=1)                      # [B, P + A - 1]
+    dec_in = torch.cat([torch.full_like(answer[:, :1], PAD), answer[:, :-1]], dim=1)
+    return prompt, dec_in, tgt
+
+
+def finetune_loss(model, batch, cfg_pre):
+    """Cross-entropy on the answer tokens + the router losses of pretraining (same weights):
+    z_loss_weight * z-loss for every MoE layer, aux_loss_weight * load-balancing loss for token
+    choice. -> (ce, loss)."""
+    *inputs, tgt = batch
+    logits, outs = model(*inputs)                                         # [B, T, V]
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+    loss = ce
+    for o, (_, moe) in zip(outs, model.moe_layers()):
+        loss = loss + cfg_pre.z_loss_weight * o.z_loss
+        if moe.router in tt.TOKEN_CHOICE:
+            loss = loss + cfg_pre.aux_loss_weight * o.aux_loss
+    return ce, loss
+
+
+def rank_classify(logits, label_tokens):
+    """logits [N, V] at the answer position -> predicted class [N]: the label token with the
+    highest logit (ties: the first label)."""
+    return logits[:, label_tokens].argmax(-1)                            # [N]
+
+
+def accuracy(pred, gold):
+    """Fraction of equal entries (two sequences of class indices) in %."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    return 100.0 * float(np.mean(pred == gold))
+
+
+def decode_answer(tokens, stop):
+    """Generated tokens [A] -> answer bytes up to and including the stop byte, or None when the
+    stop byte never came (the answer did not end: always wrong)."""
+    out = bytearray()
+    for t in tokens:
+        t = int(t)
+        if t < BYTE0 or t >= BYTE0 + 256:
+            return None
+        out.append(t - BYTE0)
+        if out[-1:] == stop:
+            return bytes(out)
+    return None
+
+
+def exact_match(preds, golds):
+    """Fraction of predictions (bytes or None) equal to their gold answers, in %."""
+    return 100.0 * float(np.mean([p is not None and p == g for p, g in zip(preds, golds)]))
+
+
+@torch.no_grad()
+def generate(model, prompt, arch, max_len, stop_token):
+    """Greedy batched decoding: prompt [B, P] -> tokens [B, max_len]. A row that emitted the
+    stop token continues with PAD, as after the answer in training (its tokens still share
+    the position groups of the other rows). No key-value cache: the whole sequence is re-run per
+    byte (simple; the answers are short)."""
+    B = prompt.shape[0]
+    out = prompt.new_full((B, 0), PAD)                                    # [B, i]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(max_len):
+        if arch == "lm":
+            logits = model(torch.cat([prompt, out], dim=1))[0][:, -1]     # [B, V]
+        else:
+            dec = torch.cat([prompt.new_full((B, 1), PAD), out], dim=1)   # [B, i + 1]
+            logits = model(prompt, dec)[0][:, -1]                         # [B, V]
+        nxt = logits.argmax(-1).masked_fill(done, PAD)                    # [B]
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= nxt == stop_token
+        if bool(done.all()):
+            break
+    return torch.cat([out, out.new_full((B, max_len - out.shape[1]), PAD)], dim=1)
+
+
+@torch.no_grad()
+def evaluate(model, task, data, arch, batch_size, device):
+    """Score of a split in % and per-example correctness [N] (0/1). Batches of batch_size, as in
+    training (routing groups are positions across the batch); the last batch is filled with the
+    split's first examples, whose predictions are dropped."""
+    N = len(data["answer_text"])
+    order = np.concatenate([np.arange(N), np.arange(-N % batch_size) % N])
+    model.eval()
+    correct = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(EVAL_SEED)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            prompt = torch.from_numpy(data["prompt"][idx]).to(device)    # [B, P]
+            if task.kind == "classify":
+                if arch == "lm":
+                    logits = model(prompt)[0][:, -1]                       # [B, V]
+                else:
+                    logits = model(prompt, prompt.new_full((len(idx), 1), PAD))[0][:, 0]
+                labels = torch.tensor([b[0] + BYTE0 for b in task.labels], device=device)
+                pred = rank_classify(logits, labels).cpu().numpy()
+                correct += (pred == data["label"][idx]).tolist()
+            else:
+                A = data["answer"].shape[1]
+                gen = generate(model, prompt, arch, A, task.stop[0] + BYTE0).cpu()
+                for j, g in zip(idx, gen):
+                    correct.append(decode_answer(g, task.stop) == data["answer_text"][j]
+                                   .encode())
+    model.train()
+    correct = [int(c) for c in correct[:N]]
+    return 100.0 * float(np.mean(correct)), correct
+
+
+def lr_at(step, cfg):
+    """Linear warmup to cfg.lr over cfg.warmup steps, then linear decay to 0 at cfg.steps."""
+    s = step + 1
+    if s <= cfg.warmup:
+        return cfg.lr * s / cfg.warmup
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(cfg.steps - cfg.warmup, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# One fine-tuning per (router, seed, task).
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def code_sha256():
+    """This file + train_tiny.py + ecmoe.py (what decides a fine-tuning result)."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(tt.code_sha256().encode())
+    return h.hexdigest()
+
+
+def result_config(cfg, suite_sha, model_sha):
+    rc = {k: getattr(cfg, k) for k in RESULT_FIELDS}
+    rc.update(suite_sha256=suite_sha, model_sha256=model_sha, code_sha256=code_sha256())
+    return rc
+
+
+def result_path(out, task, router, seed):
+    return Path(out) / "finetune_runs" / f"{task}_{router}_s{seed}.json"
+
+
+def pretrain_config(run_dir):
+    """The pretraining Config of RUN_DIR (results.json, else the first saved model's)."""
+    res = Path(run_dir) / "results.json"
+    if res.exists():
+        return tt.Config(**json.loads(res.read_text())["config"])
+    models = sorted((Path(run_dir) / "models").glob("*.pt"))
+    if not models:
+        raise FileNotFoundError(f"{run_dir}: no results.json and no models/*.pt")
+    return tt.Config(**torch.load(models[0], weights_only=True, map_location="cpu")["config"])
+
+
+def load_for_finetuning(run_dir, router, seed, device):
+    """-> (model in train mode, pretraining Config, sha256 of its weights file). SCRATCH: the
+    dense model of the run's config with train_tiny's init for this seed (never trained)."""
+    if router == SCRATCH:
+        cfg_pre = pretrain_config(run_dir)
+        model = tt.build_model(cfg_pre, "dense")
+        tt.init_weights(model, seed)
+        model, sha = model.to(device), f"init_weights(seed={seed})"
+    else:
+        model, cfg_pre = tt.load_model(run_dir, router, seed, device)
+        sha = file_sha256(tt.model_path(run_dir, router, seed))
+    return model.train(), cfg_pre, sha
+
+
+def finetune_one(cfg, router, seed, task_name, suite):
+    """Fine-tune one pretrained model on one task, evaluate val and test -> result dict
+    (also written to finetune_runs/ atomically)."""
+    device = torch.device(cfg.device)
+    task, data = TASKS[task_name], suite["tasks"][task_name]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        model, cfg_pre, model_sha = load_for_finetuning(cfg.run_dir, router, seed, device)
+        torch.manual_seed(seed)                       # top2_gshard's draws during training
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                weight_decay=0.0)
+        n_train, ti = len(data["train"]["answer_text"]), list(TASKS).index(task_name)
+        losses, t0 = [], time.perf_counter()
+        for step in range(cfg.steps):
+            rng = np.random.default_rng([DATA_SEED, seed, ti, step])
+            idx = rng.choice(n_train, cfg.batch_size, replace=False)
+            batch = [t.to(device) for t in make_batch(data["train"], idx, cfg_pre.arch)]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            ce, loss = finetune_loss(model, batch, cfg_pre)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(ce.detach())
+        train_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores = {s: evaluate(model, task, data[s], cfg_pre.arch, cfg.batch_size, device)
+                  for s in ("val", "test")}
+        result = dict(router=router, seed=seed, task=task_name, kind=task.kind,
+                      metric=task.metric, val=scores["val"][0], test=scores["test"][0],
+                      val_correct=scores["val"][1], test_correct=scores["test"][1],
+                      train_loss=[round(float(x), 5) for x in torch.stack(losses).cpu()],
+                      train_time=train_time, eval_time=time.perf_counter() - t1,
+                      s_per_step=train_time / cfg.steps, arch=cfg_pre.arch,
+                      config=result_config(cfg, data["sha256"], model_sha))
+        tt._write_json(result_path(cfg.out, task_name, router, seed), result)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+_WORKER = {}
+
+
+def _worker_init(suite):
+    _WORKER["suite"] = suite
+
+
+def _worker_run(cfg, router, seed, task):
+    return finetune_one(cfg, router, seed, task, _WORKER["suite"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis: per-router scores, paired differences, controls.
+
+PAIRS = (("ec1", "top1"), ("ec2", "top2"), ("ec2", "top2_dropless"), ("ec2", "dense"),
+         ("ec2", "top2_gshard"), ("cap2", "top2"), ("cap3", "top2"), ("top2", "dense"))
+POSITIVE = ("dense", SCRATCH)      # pretrained dense - the same model never pretrained
+NULL = ("top2_aa", "top2")
+AVERAGE = "average"                # mean over the tasks of one run (GLUE's average score)
+
+
+def _stat(values):
+    mean, lo, hi, sd, n = compare.t_interval(values)
+    return dict(mean=mean, lo=lo, hi=hi, sd=sd, n=n)
+
+
+def scores_by(runs, split="test"):
+    """runs -> {task: {router: {seed: score}}}, plus AVERAGE over tasks for runs that have
+    every task."""
+    by = {}
+    for r in runs:
+        by.setdefault(r["task"], {}).setdefault(r["router"], {})[r["seed"]] = r[split]
+    tasks = list(by)
+    if len(tasks) > 1:
+        avg = {}
+        for rt in {rt for t in tasks for rt in by[t]}:
+            seeds = set.intersection(*[set(by[t].get(rt, {})) for t in tasks])
+            if seeds:
+                avg[rt] = {s: float(np.mean([by[t][rt][s] for t in tasks])) for s in seeds}
+        by[AVERAGE] = avg
+    return by
+
+
+def paired_diff(a, b):
+    """Challenger minus baseline scores ({seed: score} each), paired by seed -> dict with the
+    per-seed differences, their mean and 95% t interval, and wins / ties / losses."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    out = dict(seeds=seeds, per_seed=d, wins=sum(x > 0 for x in d), ties=sum(x == 0 for x in d),
+               losses=sum(x < 0 for x in d))
+    if seeds:
+        out.update(_stat(d))
+    return out
+
+
+def analyse(res):
+    """-> dict(routers, pairs, positive, null, verdict) from res['runs'] and res['suite']."""
+    test, val = scores_by(res["runs"]), scores_by(res["runs"], "val")
+    tasks = [t for t in test if t != AVERAGE] + ([AVERAGE] if AVERAGE in test else [])
+    order = [r for r in res["routers"] if any(r in test[t] for t in tasks)]
+    routers = {t: {rt: dict(test=_stat(list(test[t][rt].values())),
+                            val=_stat(list(val[t][rt].values())), per_seed=test[t][rt])
+                   for rt in order if rt in test[t]} for t in tasks}
+
+    def pair(a, b, role):
+        by_task = {t: paired_diff(test[t][a], test[t][b]) for t in tasks
+                   if a in test[t] and b in test[t]}
+        seeds = sorted(set.intersection(*[set(by_task[t]["seeds"]) for t in by_task
+                                          if t != AVERAGE])) if by_task else []
+        per_seed = {s: sum(test[t][a][s] > test[t][b][s] for t in by_task if t != AVERAGE)
+                    for s in seeds}
+        n_tasks = len([t for t in by_task if t != AVERAGE])
+        return dict(challenger=a, baseline=b, role=role, by_task=by_task, n_tasks=n_tasks,
+                    wins_per_seed=per_seed,
+                    wins_summary=_stat(list(per_seed.values())) if per_seed else None)
+
+    have = set(order)
+    pairs = [pair(a, b, "comparison") for a, b in PAIRS if a in have and b in have]
+    positive = pair(*POSITIVE, "positive control") if set(POSITIVE) <= have else None
+    null = pair(*NULL, "null control") if set(NULL) <= have else None
+    if positive:
+        for t, d in positive["by_task"].items():
+            d["passes"] = bool(d.get("n", 0) > 1 and d["lo"] > 0)
+    if null:
+        for t, d in null["by_task"].items():
+            d["null_ok"] = bool(d.get("n", 0) > 1 and d["lo"] <= 0 <= d["hi"])
+    a = dict(tasks=tasks, routers=routers, pairs=pairs, positive=positive, null=null)
+    a["verdict"] = verdict(res, a)
+    return a
+
+
+def _ci(d, fmt="{:+.1f}"):
+    if not d or "mean" not in d:
+        return "-"
+    if d["n"] < 2:
+        return fmt.format(d["mean"]) + " (1 seed)"
+    return f"{fmt.format(d['mean'])} [{fmt.format(d['lo'])}, {fmt.format(d['hi'])}]"
+
+
+def _wins(p):
+    if not p["wins_per_seed"]:
+        return "-"
+    counts = ", ".join(f"s{s}: {c}" for s, c in p["wins_per_seed"].items())
+    return f"{p['wins_summary']['mean']:.1f} of {p['n_tasks']} (per seed {counts})"
+
+
+def verdict(res, a):
+    """Plain sentences: controls first, then each comparison."""
+    lines = []
+    pos, null = a["positive"], a["null"]
+    real = [t for t in a["tasks"] if t != AVERAGE]
+    if pos:
+        ok = [t for t in real if pos["by_task"].get(t, {}).get("passes")]
+        lines.append(f"Positive control (pretrained dense - scratch dense, test score): passes on "
+                     f"{len(ok)} of {len(real)} tasks ({', '.join(ok) or 'none'}); "
+                     + "; ".join(f"{t} {_ci(pos['by_task'][t])} pts" for t in a["tasks"]
+                                 if t in pos["by_task"])
+                     + ". Tasks where it fails cannot show an effect of pretraining.")
+    else:
+        lines.append("Positive control missing (needs dense and scratch runs).")
+    if null:
+        bad = [t for t in a["tasks"] if t in null["by_task"] and not null["by_task"][t].get(
+            "null_ok")]
+        lines.append("Null control (top2_aa - top2): " + ("no difference on any task, as it "
+                     "must" if not bad else f"INTERVAL EXCLUDES 0 on {', '.join(bad)}: "
+                     "differences of that size are noise") + "; "
+                     + "; ".join(f"{t} {_ci(d)} pts" for t, d in null["by_task"].items()) + ".")
+    else:
+        lines.append("Null control missing (needs top2 and top2_aa).")
+    for p in a["pairs"]:
+        avg = p["by_task"].get(AVERAGE)
+        lines.append(f"{p['challenger']} - {p['baseline']}: "
+                     + "; ".join(f"{t} {_ci(d)}" for t, d in p["by_task"].items())
+                     + f" pts. {p['challenger']} scores higher on {_wins(p)} tasks"
+                     + ("" if not avg or avg.get("n", 0) < 2 else
+                        " (average: interval " + ("excludes 0)" if not avg["lo"] <= 0 <= avg["hi"]
+                                                 else "includes 0)")))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: markdown and plot.
+
+
+def markdown(res):
+    a, cfg, suite = res["analysis"], res["config"], res["suite"]
+    pre = res["pretraining"]
+    out = ["# Fine-tuning on a stdlib task suite (Zhou et al. 2022, Table 2 analogue)", "",
+           f"Command: `{res['command']}`  ",
+           f"Pretraining run: `{pre['run_dir']}` (`{pre['command']}`), arch {pre['arch']}  ",
+           f"Hardware: {res['hardware']['summary']}; wall time {res['wall_time_s']:.0f} s "
+           f"(sum over fine-tunings {res['finetune_time_sum_s']:.0f} s); seeds "
+           f"{', '.join(map(str, res['seeds']))}  ",
+           f"Recipe: {res['recipe']}", "", "## Verdict", ""]
+    out += [f"- {line}" for line in a["verdict"]]
+    out += ["", "## Tasks", "", f"Source: {suite['info']['source']}; {suite['info']['split']}. "
+            f"Val files: {', '.join(suite['info']['files']['val'])}. Test files: "
+            f"{', '.join(suite['info']['files']['test'])}.", "",
+            "| task | kind | metric | train / val / test examples | prompt + answer bytes | "
+            "majority baseline (test) | chance | test example |", "|---|---|---|---|---|---|---|---|"]
+    for t in a["tasks"]:
+        if t == AVERAGE:
+            continue
+        s = suite[t]
+        ex = s["examples"][0] if s["examples"] else dict(text="", answer="")
+        show = (ex["text"] + s["task"]["cue"]).replace("\n", "\\n").replace("|", "\\|")
+        out.append(f"| {t} | {s['task']['kind']} | {s['task']['metric']} | "
+                   f"{s['sizes']['train']} / {s['sizes']['val']} / {s['sizes']['test']} | "
+                   f"{s['prompt_len']} + {s['answer_len']} | {s['baseline']['test']:.1f}% "
+                   f"({s['baseline']['answer']!r}) | "
+                   + (f"{s['chance']:.0f}%" if s["chance"] else "-")
+                   + f" | `{show}` -> `{ex['answer']}` |")
+    out += ["", "## Scores per router (test, %; mean over seeds [95% t interval]; val mean)", "",
+            "| router | " + " | ".join(a["tasks"]) + " |",
+            "|---|" + "---|" * len(a["tasks"])]
+    base = {t: suite[t]["baseline"]["test"] for t in a["tasks"] if t != AVERAGE}
+    out.append("| *majority baseline* | " + " | ".join(
+        f"{base[t]:.1f}" if t in base else f"{np.mean(list(base.values())):.1f}"
+        for t in a["tasks"]) + " |")
+    for rt in res["routers"]:
+        cells = []
+        for t in a["tasks"]:
+            row = a["routers"][t].get(rt)
+            cells.append("-" if row is None else
+                         f"{_ci(row['test'], '{:.1f}')} (val {row['val']['mean']:.1f})")
+        out.append(f"| {rt} | " + " | ".join(cells) + " |")
+    out += ["", "## Paired differences (challenger - baseline, test points; > 0: challenger "
+            "better)", "",
+            "Mean over seeds [95% t interval]; wins = tasks (not counting the average) on which "
+            "the challenger scores higher, counted in each seed, then averaged.", "",
+            "| pair | role | " + " | ".join(a["tasks"]) + " | wins per seed |",
+            "|---|---|" + "---|" * len(a["tasks"]) + "---|"]
+    rows = ([a["positive"]] if a["positive"] else []) + ([a["null"]] if a["null"] else []) + \
+        a["pairs"]
+    for p in rows:
+        out.append(f"| {p['challenger']} - {p['baseline']} | {p['role']} | "
+                   + " | ".join(_ci(p["by_task"].get(t)) for t in a["tasks"])
+                   + f" | {_wins(p)} |")
+    sps = [r["s_per_step"] for r in res["runs"]]
+    out += ["", f"Fine-tuning speed: {np.mean(sps):.3f} s/step on average (min {min(sps):.3f}, "
+            f"max {max(sps):.3f}); raw per-run scores and per-example correctness in "
+            "finetune.json. Paper, Table 2 (100M/32E, GLUE+SuperGLUE average): top-1 80.6, "
+            "top-2 83.5, EC-CF2 85.0."]
+    return "\n".join(out) + "\n"
+
+
+def plot(path, res):
+    """Top: test score per router per task (mean, 95% t interval) with the majority baseline.
+    Bottom: paired differences challenger - baseline per task with the zero line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a = res["analysis"]
+    tasks = a["tasks"]
+    fig = plt.figure(figsize=(3.2 * len(tasks) + 1, 8))
+    grid = fig.add_gridspec(2, len(tasks))
+    for j, t in enumerate(tasks):
+        ax = fig.add_subplot(grid[0, j])
+        rows = list(a["routers"][t].items())
+        for i, (rt, row) in enumerate(rows):
+            m, lo, hi = row["test"]["mean"], row["test"]["lo"], row["test"]["hi"]
+            err = [[m - lo if math.isfinite(lo) else 0], [hi - m if math.isfinite(hi) else 0]]
+            ax.errorbar([i], [m], yerr=err, fmt="o", capsize=3)
+            ax.plot([i] * len(row["per_seed"]), list(row["per_seed"].values()), ".",
+                    color="gray", alpha=0.5)
+        if t != AVERAGE:
+            ax.axhline(res["suite"][t]["baseline"]["test"], ls="--", color="black", lw=0.8,
+                       label="majority baseline")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(rows)), [r for r, _ in rows], rotation=45, fontsize=7)
+        ax.set_title(f"{t} (test, %)", fontsize=9)
+        ax.grid(alpha=0.3)
+    bx = fig.add_subplot(grid[1, :])
+    rows = ([a["positive"]] if a["positive"] else []) + ([a["null"]] if a["null"] else []) + \
+        a["pairs"]
+    width = 0.8 / max(len(tasks), 1)
+    for j, t in enumerate(tasks):
+        xs, ms, errs = [], [], [[], []]
+        for i, p in enumerate(rows):
+            d = p["by_task"].get(t)
+            if not d or "mean" not in d:
+                continue
+            xs.append(i + (j - (len(tasks) - 1) / 2) * width)
+            ms.append(d["mean"])
+            errs[0].append(d["mean"] - d["lo"] if math.isfinite(d["lo"]) else 0)
+            errs[1].append(d["hi"] - d["mean"] if math.isfinite(d["hi"]) else 0)
+        bx.errorbar(xs, ms, yerr=errs, fmt="o", capsize=3, label=t)
+    bx.axhline(0, color="black", lw=0.8)
+    bx.set_xticks(range(len(rows)), [f"{p['challenger']} - {p['baseline']}"
+                                     + (f"\n({p['role']})" if p["role"] != "comparison" else "")
+                                     for p in rows], fontsize=7)
+    bx.set_ylabel("paired difference, test points (> 0: challenger better)")
+    bx.set_title("challenger - baseline, paired by seed (mean, 95% t interval)", fontsize=9)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    tt._atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main.
+
+
+def resolve_run(cfg, parser):
+    """-> (pretraining info dict, routers, seeds) of RUN_DIR, with clear errors."""
+    run = Path(cfg.run_dir)
+    if not run.is_dir():
+        parser.error(f"RUN_DIR: {cfg.run_dir!r} is not a directory")
+    res_path = run / "results.json"
+    res = json.loads(res_path.read_text()) if res_path.exists() else {}
+    try:
+        cfg_pre = pretrain_config(run)
+    except FileNotFoundError as e:
+        parser.error(f"RUN_DIR: {e}")
+    if cfg_pre.data:
+        parser.error(f"RUN_DIR: pretrained on --data {cfg_pre.data!r}; the suite's held-out "
+                     "guarantee needs the default stdlib corpus")
+    saved = sorted((run / "models").glob("*_s*.pt"))
+    found = {}
+    for p in saved:
+        rt, s = p.stem.rsplit("_s", 1)
+        found.setdefault(rt, set()).add(int(s))
+    routers = [r.strip() for r in cfg.routers.split(",") if r.strip()] if cfg.routers else \
+        [r for r in res.get("routers", sorted(found)) if r in found]
+    seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else \
+        sorted(set(res.get("seeds", [])) or set().union(*found.values()) if found else [])
+    missing = [f"{r}_s{s}" for r in routers for s in seeds if s not in found.get(r, ())]
+    if missing or not routers or not seeds:
+        parser.error(f"--routers / --seeds: no saved model for {missing or 'any run'} in "
+                     f"{run / 'models'} (found: {', '.join(p.stem for p in saved) or 'none'})")
+    B = cfg.batch_size
+    if cfg_pre.group_size and B % cfg_pre.group_size:
+        parser.error(f"--batch-size {B}: the pretraining routes in position groups of "
+                     f"--group-size {cfg_pre.group_size} sequences, which must divide it")
+    n = cfg_pre.group_size or B                     # tokens per position group
+    for rt in routers:
+        if tt.base_router(rt) in ("cap2", "cap3"):
+            _, c, b = tt.ROUTER_SPEC[tt.base_router(rt)]
+            k = math.ceil(n * c / cfg_pre.experts)
+            if b * n < k * cfg_pre.experts:
+                parser.error(f"--batch-size {B}: {rt} is infeasible in position groups of {n} "
+                             f"tokens (need b*n >= k*e)")
+    info = dict(run_dir=str(run), command=res.get("command", "?"), arch=cfg_pre.arch,
+                config=dataclasses.asdict(cfg_pre), corpus=res.get("corpus", {}))
+    return info, routers, seeds
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    t_start = time.time()
+    cfg, parser = parse_config(argv)
+    pre, routers, seeds = resolve_run(cfg, parser)
+    tt.check_out_dir(cfg.out, parser)
+    tasks = task_list(cfg)
+    t0 = time.time()
+    try:
+        suite = build_suite(cfg, tasks)
+    except ValueError as e:
+        parser.error(str(e))
+    want = pre["corpus"].get("sha256")
+    if want and want != suite["info"]["stdlib_sha256"]:
+        parser.error(f"RUN_DIR: pretrained on another stdlib (corpus sha256 {want[:12]}... here "
+                     f"{suite['info']['stdlib_sha256'][:12]}...): the held-out files differ")
+    all_routers = routers + ([] if cfg.no_scratch else [SCRATCH])
+    jobs = [(r, s, t) for s in seeds for t in tasks for r in all_routers]   # seed-major
+    results, todo = [], []
+    for r, s, t in jobs:
+        path = result_path(cfg.out, t, r, s)
+        if cfg.resume and path.exists():
+            prev = json.loads(path.read_text())
+            sha = f"init_weights(seed={s})" if r == SCRATCH else \
+                file_sha256(tt.model_path(cfg.run_dir, r, s))
+            expected = result_config(cfg, suite["tasks"][t]["sha256"], sha)
+            diff = [k for k in expected if prev["config"].get(k) != expected[k]]
+            if not diff:
+                results.append(prev)
+                continue
+            print(f"  redo {path.name}: made with different {diff}")
+        todo.append((r, s, t))
+    print(f"finetune: {len(jobs)} fine-tunings ({len(results)} already done) of {len(routers)} "
+          f"routers + {'no scratch' if cfg.no_scratch else 'scratch'} x seeds {seeds} x tasks "
+          f"{tasks}; {cfg.steps} steps, batch {cfg.batch_size}, {cfg.workers} worker(s); suite "
+          f"built in {time.time() - t0:.1f} s: " + ", ".join(
+              f"{t} {len(suite['tasks'][t]['train']['answer_text'])}/"
+              f"{len(suite['tasks'][t]['val']['answer_text'])}/"
+              f"{len(suite['tasks'][t]['test']['answer_text'])}" for t in tasks), flush=True)
+    t_jobs = time.time()
+
+    def show(i, r):
+        elapsed = time.time() - t_jobs
+        eta = elapsed / i * (len(todo) - i)
+        print(f"[{i:>3}/{len(todo)}] {r['task']:>5} {r['router']:>13} s{r['seed']}: test "
+              f"{r['test']:5.1f}  val {r['val']:5.1f}  (baseline "
+              f"{suite['tasks'][r['task']]['baseline']['test']:.1f})  {r['s_per_step']:.3f} "
+              f"s/step, eval {r['eval_time']:.0f} s  elapsed {tt._clock(elapsed)} ETA "
+              f"{tt._clock(eta)}", flush=True)
+
+    if cfg.workers == 1 or len(todo) <= 1:
+        for i, (r, s, t) in enumerate(todo):
+            results.append(finetune_one(cfg, r, s, t, suite))
+            show(i + 1, results[-1])
+    else:
+        ctx = mp.get_context("spawn")                    # no fork of a torch-initialised parent
+        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(suite,)) as pool:
+            futures = [pool.submit(_worker_run, cfg, r, s, t) for r, s, t in todo]
+            for i, f in enumerate(as_completed(futures)):
+                results.append(f.result())
+                show(i + 1, results[-1])
+    res = dict(command=shlex.join(["python", "finetune.py", *argv]),
+               config=dataclasses.asdict(cfg), pretraining=pre, routers=all_routers,
+               seeds=seeds, tasks=tasks,
+               recipe=(f"AdamW (beta 0.9/0.95, no weight decay, grad-clip 1.0), lr {cfg.lr:g}, "
+                       f"linear warmup {cfg.warmup} steps then linear decay to 0, {cfg.steps} "
+                       f"steps of batch {cfg.batch_size}; loss on answer tokens + the router "
+                       "losses of pretraining; routing and capacity factor as in pretraining "
+                       "(position groups over the fine-tuning batch), also at evaluation "
+                       "(same batch size); val and test scored once after the last step"),
+               suite=suite_summary(suite), hardware=tt.hardware(cfg),
+               versions=dict(python=platform.python_version(), torch=torch.__version__,
+                             numpy=np.__version__, code_sha256=code_sha256()),
+               wall_time_s=time.time() - t_start,
+               finetune_time_sum_s=sum(r["train_time"] + r["eval_time"] for r in results),
+               runs=sorted(results, key=lambda r: (r["task"], r["router"], r["seed"])))
+    res["analysis"] = analyse(res)
+    out = Path(cfg.out)
+    tt._write_json(out / "finetune.json", res)
+    tt._atomic_write(out / "finetune.md", lambda p: Path(p).write_text(markdown(res)))
+    plot(out / "finetune.png", res)
+    print("\n".join(f"* {line}" for line in res["analysis"]["verdict"]))
+    print(f"wrote {out / 'finetune.json'}, {out / 'finetune.md'}, {out / 'finetune.png'}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
