@@ -573,7 +573,8 @@ class Block(nn.Module):
         if not isinstance(self.ffn, ecmoe.MoE):
             return x + self.ffn(h), None
         B, T, _ = h.shape
-        if self.group_size:                     # route in position groups of g sequences
+        if self.group_size and B > self.group_size:   # position groups of g sequences
+            # (B <= g, e.g. batch size 1 at inference: the batch is one group)
             out = self.ffn(to_subgroups(h, self.group_size))
             return x + from_subgroups(out.y, B, T), out
         out = self.ffn(h)                       # MoEOutput(y, aux_loss, z_loss, stats)

@@ -390,3 +390,15 @@ def test_learning_rate_schedule():
     assert lr[89] == pytest.approx((40 / 90) ** 0.5 * 11 / 20)               # inside it
     assert lr[99] == pytest.approx((40 / 100) ** 0.5 / 20) and lr[99] < 0.04
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                     # never rises again
+
+
+def test_group_size_larger_than_the_batch_routes_the_batch_as_one_group():
+    """--group-size g with a batch of B <= g sequences (batch size 1 at inference) routes the batch
+    as one position group: the same output as --group-size 0 (it crashed in to_subgroups)."""
+    cfg = tiny_cfg(group_size=2)
+    model = tt.build_model(cfg, "ec2")
+    tt.init_weights(model, 0)
+    plain = tt.build_model(tiny_cfg(group_size=0), "ec2")
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, tt.vocab_size(cfg), (1, 16))
+    torch.testing.assert_close(model(ids)[0], plain(ids)[0], rtol=0, atol=0)
