@@ -247,6 +247,9 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path, capsys):
         assert a["router"] == b["router"] and a["n_params"] == b["n_params"]
         np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(b["val_loss"], a["val_loss"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.get("val_loss_threshold", []), a.get("val_loss_threshold", []),
+                                   rtol=0, atol=1e-5)  # expert choice: thresholds learned on 2 ranks
+        np.testing.assert_allclose(b["inference"]["group_1"], a["inference"]["group_1"], rtol=0, atol=1e-5)
         w1 = torch.load(tt.model_path(tmp_path / "one", a["router"], 0), weights_only=True)["model"]
         w2 = torch.load(tt.model_path(tmp_path / "two", a["router"], 0), weights_only=True)["model"]
         assert w1.keys() == w2.keys()
