@@ -954,3 +954,22 @@ def test_bad_eval_routing_raises_clear_errors():
         fresh(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match=r"threshold must have shape \[e=4\]"):
         ecmoe.threshold_choice(softmax_probs(3, 4), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("group", GROUPS)
+def test_cuda_threshold_routing_matches_cpu(group):
+    """On CUDA, threshold routing (float64) equals the CPU layer and is batch-independent; the
+    thresholds learned by CUDA training forwards equal the CPU ones."""
+    layer = trained_threshold_layer(group)
+    x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cpu = layer(x).y
+    gpu_layer = trained_threshold_layer(group).cuda()  # not trained on the GPU yet: copy, then train both
+    gpu_layer.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(gpu_layer(x.cuda()).y.cpu(), cpu, rtol=0, atol=1e-10)
+    alone = torch.cat([gpu_layer(x[i:i + 1].cuda()).y for i in range(8)]).cpu()
+    torch.testing.assert_close(alone, cpu, rtol=0, atol=1e-10)
+    layer.train(), gpu_layer.train()
+    layer(x), gpu_layer(x.cuda())
+    torch.testing.assert_close(gpu_layer.threshold.cpu(), layer.threshold, rtol=0, atol=1e-12)

@@ -248,6 +248,21 @@ def test_dry_run_end_to_end(tmp_path, arch):
     assert "| ec2 |" in md and "NOT reproduced" not in md and "null control" in md
     assert not list(tmp_path.glob("**/*.tmp")) and not list((tmp_path / "ckpt").glob("*.pt"))
     assert (os.stat(tmp_path / "results.json").st_mode & 0o777) != 0o600   # not mkstemp's mode
+    # inference at batch size 1: every run measured it; threshold routing is batch-independent
+    for r in saved["runs"]:
+        inf = r["inference"]
+        if tt.base_router(r["router"]) in ("ec1", "ec2"):
+            assert abs(inf["threshold_B"] - inf["threshold_1"]) < 1e-4
+            assert len(r["val_loss_threshold"]) == len(r["val_step"])
+            assert len(r["thresholds_over_training"][layer]) == len(r["val_step"])
+        elif tt.base_router(r["router"]) in ("cap2", "cap3"):   # a group of 1 token
+            assert inf["group_1"] is None and "infeasible" in inf["error"]
+        else:
+            assert inf["group_1"] > 0
+    assert "## Inference at batch size 1" in md and "| ec2 | threshold |" in md
+    model, cfg = tt.load_model(tmp_path, "ec2", 1)
+    assert cfg.arch == arch and not model.training
+    assert all(int(m.threshold_updates) == cfg.steps for m in tt.expert_choice_layers(model))
 
 
 def test_dry_run_does_not_write_the_default_out_dir(tmp_path, monkeypatch):
@@ -297,6 +312,9 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert ckpt["step"] == 4 and len(ckpt["log"]["train_loss"]) == 4
     resumed = tt.main(argv + ["--out", str(tmp_path), "--resume"])
     assert _curves(resumed) == _curves(first)
+    thresholds = [{r["router"]: r.get("thresholds_over_training") for r in res["runs"]}
+                  for res in (resumed, first)]
+    assert thresholds[0] == thresholds[1] and thresholds[0]["ec2"]    # buffers were checkpointed
     # resuming a finished run reuses its saved result
     assert _curves(tt.main(argv + ["--out", str(tmp_path), "--resume"])) == _curves(first)
 
@@ -390,6 +408,73 @@ def test_learning_rate_schedule():
     assert lr[89] == pytest.approx((40 / 90) ** 0.5 * 11 / 20)               # inside it
     assert lr[99] == pytest.approx((40 / 100) ** 0.5 / 20) and lr[99] < 0.04
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                     # never rises again
+
+
+# ----------------------------------------------------------------------------- inference
+def _trained_ec_model(cfg, router="ec2", steps=3):
+    """A tiny model whose expert-choice thresholds have seen a few training forwards."""
+    torch.manual_seed(0)
+    model = tt.build_model(cfg, router)
+    tt.init_weights(model, 0)
+    V = tt.vocab_size(cfg)
+    for s in range(steps):
+        model(torch.randint(2, V, (4, cfg.chunk_bytes), generator=torch.Generator().manual_seed(s)))
+    return model.eval(), V
+
+
+def test_lm_threshold_inference_is_causal_and_batch_independent():
+    """lm, EC with threshold routing: a sequence's logits alone equal its logits in the batch,
+    and at batch size 1 changing tokens after t leaves the logits at <= t unchanged, even with
+    --decoder-group batch (whose group routing leaks the future)."""
+    for group in ("position", "batch"):
+        cfg = tiny_cfg(chunk_bytes=12, decoder_group=group)
+        model, V = _trained_ec_model(cfg)
+        for m in tt.expert_choice_layers(model):
+            m.eval_routing = "threshold"
+        ids = torch.randint(2, V, (4, 12), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            together = model(ids)[0]
+            alone = torch.cat([model(ids[i:i + 1])[0] for i in range(4)])
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+        _perturbation_test(model, _lm_forward(model, ids[:1], V), 12, V)
+
+
+def test_evaluate_restores_training_state():
+    """evaluate(..., "threshold") leaves every layer in group routing and the model in train mode,
+    and moves no threshold."""
+    cfg = tiny_cfg(chunk_bytes=12)
+    model, V = _trained_ec_model(cfg)
+    model.train()
+    before = [m.threshold.clone() for m in tt.expert_choice_layers(model)]
+    ids = torch.randint(2, V, (4, 12))
+    tt.evaluate(model, [(ids, ids)], torch.device("cpu"), "threshold")
+    assert model.training and all(m.eval_routing == "group" for m in tt.expert_choice_layers(model))
+    assert all(torch.equal(b, m.threshold) for b, m in zip(before, tt.expert_choice_layers(model)))
+
+
+@pytest.mark.parametrize("arch", ["lm", "t5"])
+def test_sample_at_batch_size_one(tmp_path, arch):
+    """--sample RUN_DIR: greedy samples at batch size 1 for every router of a finished run
+    (expert choice with threshold routing), deterministic, stored in results.json and shown in
+    results.md; a directory without results.json is a clear error."""
+    tt.main(["--dry-run", "--arch", arch, "--routers", "ec2,top2,dense", "--seeds", "0",
+             "--out", str(tmp_path)])
+    first = tt.main(["--sample", str(tmp_path)])
+    again = tt.main(["--sample", str(tmp_path)])
+    assert first == again and set(first["by_router"]) == {"ec2", "top2", "dense"}
+    assert first["by_router"]["ec2"]["routing"] == "threshold"
+    assert all(len(t) > 0 for x in first["by_router"].values() for t in x["texts"])
+    md = (tmp_path / "results.md").read_text()
+    assert "## Samples at batch size 1" in md and md.count("| ec2 | threshold |") >= 1 + tt.SAMPLE_PROMPTS
+    assert json.loads((tmp_path / "results.json").read_text())["samples"] == first
+    with pytest.raises(SystemExit):
+        tt.main(["--sample", str(tmp_path / "nowhere")])
+
+
+def test_detokenize_escapes_control_bytes():
+    """Samples print on one line: newline and control bytes escaped, sentinels and EOS named."""
+    ids = [tt.BYTE0 + b for b in b"a\nb\x0c"] + [tt.SENTINEL0 + 1, tt.EOS]
+    assert tt.detokenize(ids) == "a\\nb\\x0c<X1><eos>"
 
 
 def test_group_size_larger_than_the_batch_routes_the_batch_as_one_group():
