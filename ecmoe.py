@@ -30,6 +30,7 @@ import numbers
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -434,6 +435,18 @@ def moe_ffn(x, gates, token_index, w_in, w_out, validate=True):
                              f"[e, f, d]; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
         if bool((token_index < -1).any()) or bool((token_index >= x.shape[-2]).any()):
             raise ValueError(f"token_index must lie in [-1, {x.shape[-2]}) (-1 = empty slot)")
+    X_in, flat_index, gate_per_slot = dispatch(x, gates, token_index)  # [e, G*s, d]
+    X_e = expert_ffn(X_in, w_in, w_out)  # [e, G*s, d]
+    return combine(x, X_e, flat_index, gate_per_slot)  # [..., n, d]
+
+
+def dispatch(x, gates, token_index):
+    """(Eq. 3) X_in = P X as a gather, all groups' slots of one expert side by side.
+
+    x [..., n, d], gates/token_index [..., e, s] -> X_in [e, G*s, d], flat_index [e, G*s]
+    (row of x.reshape(-1, d) each slot reads), gate_per_slot [e, G*s, 1] (0 for empty slots);
+    G = number of groups (the product of the leading dims). The pieces of moe_ffn:
+    dispatch -> expert_ffn -> combine, split so the expert-parallel path can exchange X_in."""
     *lead, n, d = x.shape
     e, s = gates.shape[-2:]
     x_flat = x.reshape(-1, d)  # [G*n, d]
@@ -445,17 +458,31 @@ def moe_ffn(x, gates, token_index, w_in, w_out, validate=True):
     flat_index = (token_index.clamp(min=0).reshape(G, e, s).transpose(0, 1) + group_offset).reshape(e, G * s)
     # (Eq. 3) X_in = P X as a gather: [e, G*s, d]; all groups' slots of one expert side by side
     X_in = torch.index_select(x_flat, 0, flat_index.reshape(-1)).view(e, G * s, d)
-    # expert FFN as two batched matmuls over experts (autocast dtype if autocast is on)
-    X_e = torch.bmm(F.gelu(torch.bmm(X_in, w_in), approximate="tanh"), w_out)  # [e, G*s, d]
-    # (Eq. 4) X_out[l] = sum_ij P[i,j,l] G[i,j] X_e[i,j], as a scatter-add in x's dtype.
     gate_per_slot = gates.reshape(G, e, s).transpose(0, 1).reshape(e, G * s, 1).to(x.dtype)
+    return X_in, flat_index, gate_per_slot
+
+
+def expert_ffn(X_in, w_in, w_out):
+    """X_e[i] = GeLU_tanh(X_in[i] W1[i]) W2[i]: every expert's FFN as two batched matmuls.
+
+    X_in [e, m, d], w_in [e, d, f], w_out [e, f, d] -> X_e [e, m, d] (autocast dtype if on)."""
+    return torch.bmm(F.gelu(torch.bmm(X_in, w_in), approximate="tanh"), w_out)
+
+
+def combine(x, X_e, flat_index, gate_per_slot):
+    """(Eq. 4) X_out[l] = sum_ij P[i,j,l] G[i,j] X_e[i,j], as a scatter-add in x's dtype.
+
+    x [..., n, d] (shape and dtype only), X_e [e, G*s, d], flat_index [e, G*s],
+    gate_per_slot [e, G*s, 1] (from dispatch) -> y [..., n, d]."""
+    *lead, n, d = x.shape
+    e, m = flat_index.shape
     weighted = X_e.to(x.dtype) * gate_per_slot  # [e, G*s, d]
     # index_add_ with duplicate indices (a token picked by several experts) uses atomicAdd on
     # CUDA, so the summation order, and the last bits of y, can vary between runs; the same
     # holds for the gradient of x (index_select's backward is an index_add_). CPU is
     # deterministic. For bitwise-reproducible GPU runs call torch.use_deterministic_algorithms(True):
     # PyTorch then switches index_add_ to a deterministic kernel. GPU tests use tolerances.
-    y = torch.zeros_like(x_flat).index_add_(0, flat_index.reshape(-1), weighted.reshape(e * G * s, d))
+    y = torch.zeros_like(x.reshape(-1, d)).index_add_(0, flat_index.reshape(-1), weighted.reshape(e * m, d))
     return y.view(*lead, n, d)
 
 
@@ -529,6 +556,13 @@ class MoE(nn.Module):
       per token per forward, always in float32 (so float32 and float64 layers make the same
       decisions from one seed). Reproduce or pin a run with torch.manual_seed (or
       torch.random.fork_rng around the call); no other router consumes random numbers.
+    - expert_parallel_group: a torch.distributed process group of W processes (W must divide
+      n_experts), or None (default: every expert in this process, the plain layer). Rank r then
+      holds experts [r e/W, (r+1) e/W) only: w_in [e/W, d, f], w_out [e/W, f, d] (the slice of
+      the full init drawn from the same seed); w_router stays whole and replicated. Each rank
+      routes its own tokens in its own groups, exactly as without the group; two all-to-alls
+      carry the expert slots to their experts and back (moe_ffn_expert_parallel). Every rank
+      of the group must call forward (and backward) together, with the same x shape.
     - eval_routing: "group" (default) routes in eval mode exactly as in training. "threshold"
       ("expert_choice" only) routes in eval mode token by token: token t goes to expert i iff
       its probability S[t, i] >= threshold[i] (threshold_choice), so the output is causal and
@@ -557,7 +591,7 @@ class MoE(nn.Module):
     def __init__(self, d_model, d_ff, n_experts, router="expert_choice", capacity_factor=2.0,
                  group="batch", max_experts_per_token=2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
                  max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, second_threshold=0.2, check_inputs=None,
-                 eval_routing="group", threshold_decay=0.99):
+                 eval_routing="group", threshold_decay=0.99, expert_parallel_group=None):
         super().__init__()
         _check_int(d_model, "d_model", 1, math.inf)
         _check_int(d_ff, "d_ff", 1, math.inf)
@@ -590,6 +624,10 @@ class MoE(nn.Module):
         self.w_router = nn.Parameter(torch.randn(d_model, n_experts) * 0.02)
         self.w_in = nn.Parameter(torch.randn(n_experts, d_model, d_ff) / math.sqrt(d_model))
         self.w_out = nn.Parameter(torch.randn(n_experts, d_ff, d_model) / math.sqrt(d_ff))
+        # expert parallelism (section "Expert parallelism" below): None = all experts here
+        self.expert_parallel_group, self.expert_parallel_rank, self.expert_parallel_size = None, 0, 1
+        if expert_parallel_group is not None:  # keep only this rank's slice of the experts
+            _shard_layer(self, expert_parallel_group)
         if router == "expert_choice":  # inference thresholds (see eval_routing)
             self.register_buffer("threshold", torch.zeros(n_experts))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
@@ -607,6 +645,8 @@ class MoE(nn.Module):
             parts.append(f"second_threshold={self.second_threshold}")
         if self.check_inputs is not None:
             parts.append(f"check_inputs={self.check_inputs}")
+        if self.expert_parallel_group is not None:
+            parts.append(f"expert_parallel=rank {self.expert_parallel_rank} of {self.expert_parallel_size}")
         if self.eval_routing != "group":
             parts.append(f"eval_routing={self.eval_routing!r}")
         return ", ".join(parts)
@@ -671,6 +711,10 @@ class MoE(nn.Module):
         """EMA of each expert's k-th best score: gates [groups, e, k] of expert_choice (slots
         best first, so gates[..., -1] is the k-th best), averaged over the groups. Sync-free."""
         kth_best = gates.detach()[..., -1].mean(0).to(self.threshold.dtype)  # [e]
+        if self.expert_parallel_group is not None:  # the mean over every rank's groups, so the
+            # thresholds stay the same on every rank (one all-reduce of e values, no host sync)
+            dist.all_reduce(kth_best, group=self.expert_parallel_group)
+            kth_best /= self.expert_parallel_size
         ema = self.threshold_decay * self.threshold + (1 - self.threshold_decay) * kth_best
         self.threshold.copy_(torch.where(self.threshold_updates == 0, kth_best, ema))
         self.threshold_updates.add_(1)
@@ -717,7 +761,13 @@ class MoE(nn.Module):
                 if self.training and self.router == "expert_choice":
                     self.update_threshold(gates)
         # (Eq. 3-4) gather, expert FFNs, gate-weighted scatter-add; one path for every router
-        y = moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False)
+        if self.expert_parallel_group is None:
+            y = moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False)
+        else:  # this rank holds experts [r*e/W, (r+1)*e/W): see "Expert parallelism" below
+            y = moe_ffn_expert_parallel(x_groups, gates, token_index, self.w_in, self.w_out,
+                                        self.expert_parallel_group,
+                                        pad_slots=self.router == "top2_dropless" or by_threshold,
+                                        check_shapes=check_values)
         if self.router in TOKEN_CHOICE_TOP_K:
             aux_loss = load_balancing_loss(probs, validate=False).mean()
         else:
@@ -769,3 +819,170 @@ class MoE(nn.Module):
         load = (demand.amax(1) / demand.mean(1)).mean()  # averaged over groups
         overflow = (demand > k).float().mean()
         return RoutingStats(bins, bins[0], dropped, load, overflow, expert_load)
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+# Experts sharded over W processes (the paper's setting: experts spread over many devices).
+# Extra axis letters: W processes in the group, r this process's rank, E = e/W experts per rank,
+# m = G*s slots per expert on one rank (G routing groups of this rank, s slots each).
+#
+#   rank r, own tokens x [G, n, d]             route locally (same groups as one process)
+#   dispatch -> X_in [e, m, d]                 rows = experts, i.e. grouped by destination rank:
+#            = [W, E, m, d]                    block q holds the slots of rank q's experts
+#   all_to_all ->     [W, E, m, d]             block q now holds source rank q's slots
+#   -> [E, W*m, d] -> expert_ffn -> [E, W*m, d]    one batched matmul over this rank's experts
+#   -> [W, E, m, d] -> all_to_all -> [e, m, d] each source gets its slots back, in its order
+#   combine -> y [G, n, d]                     gate-weighted scatter-add, as moe_ffn
+#
+# Expert choice needs no count exchange and no padding: every expert takes exactly k slots per
+# group, so every block has the same, known shape and the all-to-all has equal splits. Token
+# choice with a capacity ("top1", "top2", "top2_gshard") has static slots too (empty ones carry
+# gate 0). "top2_dropless" sizes its slots by the largest demand, which differs between ranks:
+# the ranks agree on the largest with one all-reduce (MAX) per forward and pad with empty slots.
+# Volume: each all-to-all sends e*m*d elements per rank, (W-1)/W of them to other ranks; e*m =
+# G*e*s = n_rank*c slots for EC (all tokens of the rank times c), whatever e and k are apart.
+
+def expert_slice(n_experts, rank, world_size):
+    """The experts rank `rank` of `world_size` holds: slice(rank*e/W, (rank+1)*e/W)."""
+    _check_int(world_size, "world_size", 1, math.inf)
+    _check_int(rank, "rank", 0, world_size - 1)
+    if n_experts % world_size:
+        raise ValueError(f"the expert-parallel world size {world_size} must divide "
+                         f"n_experts={n_experts}")
+    per_rank = n_experts // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Equal-split all-to-all along dim 0; its gradient is the same exchange in reverse."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)  # block q of x -> rank q; block q of out <- rank q
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # out[q] came from rank q's x[r], so grad x[q] is rank q's grad_out[r]: the same exchange
+        return _AllToAll.apply(grad_out, ctx.group), None
+
+
+def all_to_all(x, group):
+    """Differentiable equal-split all-to-all: x [W, ...] -> [W, ...]; block q goes to rank q,
+    block q of the result came from rank q. Every rank of the group must call it together."""
+    W = dist.get_world_size(group)
+    if x.shape[0] != W:
+        raise ValueError(f"all_to_all: x must have leading dim W={W}; got {tuple(x.shape)}")
+    return _AllToAll.apply(x, group)
+
+
+def _agree_on_slots(G, s, group, pad_slots, device):
+    """One all-reduce (MAX) of (G, -G, s, -s) over the group -> the largest s; ValueError (on
+    every rank alike) unless all ranks have the same G and, without pad_slots, the same s."""
+    t = torch.tensor([G, -G, s, -s], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    G_max, G_min, s_max, s_min = t[0].item(), -t[1].item(), t[2].item(), -t[3].item()  # host sync
+    if G_max != G_min or (not pad_slots and s_max != s_min):
+        raise ValueError(
+            f"expert parallelism needs the same routing shape on every rank: groups G in "
+            f"[{G_min}, {G_max}] and slots per expert s in [{s_min}, {s_max}] across ranks "
+            f"(give every rank an x of the same shape [B, T, d])")
+    return s_max
+
+
+def moe_ffn_expert_parallel(x, gates, token_index, w_in, w_out, group, pad_slots=False,
+                            check_shapes=False):
+    """moe_ffn with the experts sharded over the W processes of `group` (see the diagram above).
+
+    x [..., n, d] this rank's tokens, gates/token_index [..., e, s] its routing (all e experts),
+    w_in [e/W, d, f], w_out [e/W, f, d] this rank's experts -> y [..., n, d], equal to
+    moe_ffn(x, gates, token_index, full w_in, full w_out). Differentiable: the gradients of x
+    and gates are this rank's; those of w_in/w_out sum the contributions of every rank's tokens.
+    pad_slots: ranks may have different s (top2_dropless): agree on the largest by one all-reduce
+    and pad with empty slots. check_shapes: the same all-reduce, to raise a clear ValueError
+    when the ranks' routing shapes differ (otherwise the exchange fails or hangs)."""
+    W = dist.get_world_size(group)
+    E = w_in.shape[0]  # experts on this rank, e / W
+    *lead, n, d = x.shape
+    e, s = gates.shape[-2:]
+    if E * W != e or w_out.shape[0] != E:
+        raise ValueError(f"w_in and w_out must hold e/W = {e}/{W} experts; got "
+                         f"{tuple(w_in.shape)} and {tuple(w_out.shape)}")
+    G = math.prod(lead)
+    if pad_slots or check_shapes:
+        s_max = _agree_on_slots(G, s, group, pad_slots, x.device)
+        if s_max > s:  # empty slots: token -1, gate 0 (they add nothing)
+            gates = F.pad(gates, (0, s_max - s))
+            token_index = F.pad(token_index, (0, s_max - s), value=-1)
+            s = s_max
+    m = G * s  # slots per expert on this rank
+    X_in, flat_index, gate_per_slot = dispatch(x, gates, token_index)  # [e, m, d]
+    # rows r*E .. (r+1)*E-1 are rank r's experts: X_in is already grouped by destination
+    X_recv = all_to_all(X_in.view(W, E, m, d), group)  # [W, E, m, d], block q from rank q
+    X_local = X_recv.transpose(0, 1).reshape(E, W * m, d)  # this rank's experts, every source
+    X_e = expert_ffn(X_local, w_in, w_out)  # [E, W*m, d]: one batched matmul
+    X_back = X_e.view(E, W, m, d).transpose(0, 1)  # [W, E, m, d], block q back to rank q
+    X_e = all_to_all(X_back, group).view(e, m, d)  # this rank's slots of all e experts
+    return combine(x, X_e, flat_index, gate_per_slot)  # (Eq. 4) [..., n, d]
+
+
+def _shard_layer(layer, group):
+    """Keep only this rank's experts of `layer` (a MoE holding all of them) and remember group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("expert_parallel_group needs torch.distributed to be initialised "
+                         "(torch.distributed.init_process_group) first")
+    if layer.expert_parallel_group is not None:
+        raise ValueError("this MoE layer is already sharded over an expert_parallel_group")
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    if r < 0:
+        raise ValueError("expert_parallel_group: this process is not a member of the group")
+    if layer.n_experts % W:
+        raise ValueError(f"expert_parallel_group has {W} processes, which must divide "
+                         f"n_experts={layer.n_experts}")
+    part = expert_slice(layer.n_experts, r, W)
+    with torch.no_grad():
+        layer.w_in = nn.Parameter(layer.w_in[part].clone())  # [e/W, d, f]
+        layer.w_out = nn.Parameter(layer.w_out[part].clone())  # [e/W, f, d]
+    layer.expert_parallel_group, layer.expert_parallel_rank, layer.expert_parallel_size = group, r, W
+
+
+def shard_experts(module, group):
+    """Shard every MoE layer in `module` (or `module` itself) over `group`, in place -> module.
+
+    Each MoE keeps its experts [r e/W, (r+1) e/W); build the optimizer afterwards. To start
+    from a full checkpoint: load it into the unsharded model, then shard."""
+    layers = [m for m in module.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        _shard_layer(layer, group)
+    return module
+
+
+def full_state_dict(module):
+    """module.state_dict() with the experts of every sharded MoE gathered to their full shapes
+    ([e, d, f], [e, f, d]), i.e. the state dict of the unsharded model. A collective
+    (all_gather): every rank of each group must call it; every rank gets the full dict."""
+    state = module.state_dict()
+    for name, layer in module.named_modules():
+        if isinstance(layer, MoE) and layer.expert_parallel_group is not None:
+            for p in ("w_in", "w_out"):
+                key = f"{name}.{p}" if name else p
+                parts = [torch.empty_like(state[key]) for _ in range(layer.expert_parallel_size)]
+                dist.all_gather(parts, state[key].contiguous(), group=layer.expert_parallel_group)
+                state[key] = torch.cat(parts)
+    return state
+
+
+def load_full_state_dict(module, state):
+    """Load the state dict of the unsharded model (e.g. full_state_dict's) into `module`, whose
+    MoE layers may be sharded: each takes its own slice of the experts. No communication."""
+    state = dict(state)
+    for name, layer in module.named_modules():
+        if isinstance(layer, MoE) and layer.expert_parallel_group is not None:
+            part = expert_slice(layer.n_experts, layer.expert_parallel_rank, layer.expert_parallel_size)
+            for p in ("w_in", "w_out"):
+                key = f"{name}.{p}" if name else p
+                state[key] = state[key][part]
+    return module.load_state_dict(state)

@@ -17,6 +17,8 @@ Run
     python train_tiny.py --resume             # continue an interrupted run (same result)
     python train_tiny.py --data notes.txt     # any UTF-8 text file instead of the stdlib
     python compare.py runs/tiny               # statistics of a finished (or partial) run
+    torchrun --nproc_per_node=2 train_tiny.py --group-size 16   # data + expert parallel
+                                              # over 2 processes (section Distributed)
 
 Two architectures (--arch), built from the same T5.1.1-style blocks: pre-norm RMSNorm, no biases,
 T5 bucketed relative position bias, untied output head, gated-GELU FFN in even layers and an
@@ -571,7 +573,8 @@ class Block(nn.Module):
         if not isinstance(self.ffn, ecmoe.MoE):
             return x + self.ffn(h), None
         B, T, _ = h.shape
-        if self.group_size:                     # route in position groups of g sequences
+        if self.group_size and B > self.group_size:   # position groups of g sequences
+            # (B <= g, e.g. batch size 1 at inference: the batch is one group)
             out = self.ffn(to_subgroups(h, self.group_size))
             return x + from_subgroups(out.y, B, T), out
         out = self.ffn(h)                       # MoEOutput(y, aux_loss, z_loss, stats)
@@ -722,7 +725,7 @@ def evaluate(model, batches, device, routing="group", stats=None):
         for m in expert_choice_layers(model):
             m.eval_routing = "group"
         model.train()
-    return losses
+    return average_over_ranks(losses)   # torchrun: each rank's rows -> the whole batch's loss
 
 
 def single_rows(batches):
@@ -775,6 +778,8 @@ def _atomic_write(path, write):
     """write(tmp_path) then os.replace: readers never see a half-written file. The file gets the
     usual permissions (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
+    if not _writes_here(path):                          # torchrun: rank 0 writes (Distributed)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=path.suffix + ".tmp")
     os.close(fd)
@@ -795,7 +800,8 @@ def _write_json(path, obj):
 
 def run_paths(cfg, router, seed):
     out = Path(cfg.out)
-    return out / "ckpt" / f"{router}_s{seed}.pt", out / "runs" / f"{router}_s{seed}.json"
+    return (out / "ckpt" / f"{router}_s{seed}{rank_suffix()}.pt",   # per rank under torchrun
+            out / "runs" / f"{router}_s{seed}.json")
 
 
 def model_path(run_dir, router, seed):
@@ -829,6 +835,8 @@ def result_config(cfg, corpus_info=None):
     """The fields a resumed run must share with its checkpoint: result-changing flags, the
     corpus hash (the default corpus is whatever stdlib is installed) and the code hash."""
     rc = {k: getattr(cfg, k) for k in RESULT_FIELDS}
+    if _DIST["world"] > 1:                              # torchrun: W changes the routing groups
+        rc["world_size"] = _DIST["world"]
     if corpus_info is not None:
         rc.update(corpus_sha256=corpus_info["sha256"], code_sha256=code_sha256())
     return rc
@@ -850,6 +858,7 @@ def run_one(cfg, router, seed, corpus, report=print):
         torch.manual_seed(seed)
         model = build_model(cfg, router)
         init_weights(model, seed)
+        shard_model(model)                      # torchrun: this rank's experts only (Distributed)
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                 weight_decay=0.0)
@@ -869,18 +878,18 @@ def run_one(cfg, router, seed, corpus, report=print):
             if device.type == "cuda" and "cuda_rng" in ck:
                 torch.cuda.set_rng_state(ck["cuda_rng"], device)
             start, log = ck["step"], ck["log"]
-        vals = val_batches(corpus, cfg)
+        vals = [rank_rows(b) for b in val_batches(corpus, cfg)]
         win = torch.zeros(len(names), 9, dtype=torch.float64, device=device)  # stats window
         win_loss, win_n = [], 0
         for step in range(start, cfg.steps):
-            batch = [t.to(device) for t in train_batch(corpus, data_seed, step, cfg)]
+            batch = [t.to(device) for t in rank_rows(train_batch(corpus, data_seed, step, cfg))]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             t0 = time.perf_counter()
             ce, loss, outs = loss_fn(model, batch, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            reduce_and_clip_gradients(model, 1.0)     # = clip_grad_norm_ on one process
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()        # for the step time only: one sync per step
@@ -891,6 +900,7 @@ def run_one(cfg, router, seed, corpus, report=print):
             win_n += 1
             last = step + 1 == cfg.steps
             if (step + 1) % cfg.eval_every == 0 or last:
+                average_window(win_loss, win)           # torchrun: the global batch's
                 log["train_loss"] += torch.stack(win_loss).tolist()
                 batch_losses = evaluate(model, vals, device)
                 log["val_step"].append(step + 1)
@@ -921,7 +931,7 @@ def run_one(cfg, router, seed, corpus, report=print):
                     _atomic_write(ckpt_path, lambda t: torch.save(state, t))
                 if stop:
                     return None
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = count_parameters(model)
         S = torch.tensor(log["stats_sum"], dtype=torch.float64) / max(log["stat_steps"], 1)
         result = dict(router=router, seed=seed, data_seed=data_seed, steps=cfg.steps,
                       n_params=n_params, train_loss=log["train_loss"], val_step=log["val_step"],
@@ -939,7 +949,7 @@ def run_one(cfg, router, seed, corpus, report=print):
             result.update(val_loss_threshold=log["val_loss_threshold"],
                           thresholds_over_training={n: [t[i] for t in log["thresholds"]]
                                                     for i, n in enumerate(ec_names)})
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in full_state(model).items()}
         _atomic_write(model_path(cfg.out, router, seed), lambda t: torch.save(
             dict(model=weights, config=dataclasses.asdict(cfg), router=router, seed=seed), t))
         _write_json(done_path, result)
@@ -1058,6 +1068,195 @@ def _worker_run(cfg, router, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# Distributed: `torchrun --nproc_per_node=W train_tiny.py ...` trains each run on W processes,
+# data parallel for the dense weights and expert parallel for the experts (ecmoe's
+# "Expert parallelism"): gloo on CPU, NCCL on GPU (one GPU per process). Without torchrun (or
+# with W = 1) every helper below is a no-op and a run is exactly the single-process one.
+#
+# - Data: every rank builds the same global batch (a pure function of (seed, step)) and takes
+#   rows r*B/W .. (r+1)*B/W - 1; validation batches likewise. --batch-size is the global batch.
+# - Routing: each rank routes its own rows. With --group-size g dividing B/W the routing groups
+#   are the same as on one process, so the loss curve is the same up to float error (tested).
+#   With --group-size 0 each rank routes over its B/W sequences instead of all B: a different
+#   k and other routing, so the curve differs. top2_gshard's draws also differ (each rank draws
+#   for its own tokens).
+# - Gradients: the loss is the global mean, (1/W) sum_r L_r. Dense and router gradients are
+#   all-reduced and averaged; expert gradients already hold sum_r dL_r/dw (the all-to-all's
+#   backward brings every rank's contribution), so they are divided by W. Gradient clipping uses
+#   the global norm (the expert slices' squared norms all-reduced).
+# - Files: rank 0 alone writes results, the run JSON and the final model (experts gathered: the
+#   same file a single process writes, so load_model works). Checkpoints are one file per rank
+#   (ckpt/ROUTER_sSEED.rankRofW.pt: its expert slice and optimizer state); --resume needs the
+#   same W, and refuses (via the world_size in the run config) a run made with another W.
+#   Multi-node: --out must be on a filesystem every node sees.
+# - Evaluation: evaluate() averages each batch's loss over the ranks (every caller gets the
+#   whole batch's loss, threshold and batch-size-1 evaluations included); the expert-choice
+#   thresholds are averaged over ranks as they are learned (ecmoe.MoE.update_threshold), so they
+#   are the same on every rank. The per-layer threshold loads of inference_eval are rank 0's.
+#   --sample runs on one process only.
+# - Output: ranks other than 0 print nothing (stdout to /dev/null); errors still reach stderr.
+
+_DIST = dict(world=1, rank=0, backend=None)  # set by init_distributed under torchrun
+
+
+def init_distributed(cfg, parser):
+    """Under torchrun (WORLD_SIZE > 1): check the config for W ranks, then join the process group."""
+    W = int(os.environ.get("WORLD_SIZE", "1"))
+    if W == 1:
+        return
+    B = cfg.batch_size
+    if B % W:
+        parser.error(f"--batch-size {B} must be divisible by the {W} torchrun processes "
+                     "(each takes B/W sequences of the global batch)")
+    if cfg.group_size and (B // W) % cfg.group_size:
+        parser.error(f"--group-size {cfg.group_size} must divide the per-process batch "
+                     f"--batch-size/W = {B // W} under torchrun with {W} processes")
+    if cfg.experts % W:
+        parser.error(f"--experts {cfg.experts} must be divisible by the {W} torchrun processes "
+                     "(each holds experts/W experts of every MoE layer)")
+    validate(dataclasses.replace(cfg, batch_size=B // W), parser)  # capped EC: per-rank groups
+    if cfg.sample:
+        parser.error("--sample runs on one process: start it with python, not torchrun")
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend)
+    _DIST.update(world=W, rank=torch.distributed.get_rank(), backend=backend)
+    cfg.workers = 1                                   # one run at a time, on all W processes
+    if _DIST["rank"]:
+        sys.stdout = open(os.devnull, "w")
+
+
+def finish_distributed():
+    if _DIST["world"] > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank_suffix():
+    """'' on one process, '.rank{r}of{W}' under torchrun (per-rank checkpoint names)."""
+    return f".rank{_DIST['rank']}of{_DIST['world']}" if _DIST["world"] > 1 else ""
+
+
+def _writes_here(path):
+    """Rank 0 writes everything; the other ranks only their own per-rank files."""
+    return _DIST["rank"] == 0 or rank_suffix() in Path(path).name
+
+
+def shard_model(model):
+    """Keep this rank's experts of every MoE layer (after init, before the optimizer)."""
+    if _DIST["world"] > 1:
+        ecmoe.shard_experts(model, torch.distributed.group.WORLD)
+    return model
+
+
+def rank_rows(batch):
+    """This rank's rows r*B/W .. (r+1)*B/W - 1 of every tensor of a global batch."""
+    if _DIST["world"] == 1:
+        return batch
+    W, r = _DIST["world"], _DIST["rank"]
+    return [t[r * len(t) // W:(r + 1) * len(t) // W] for t in batch]
+
+
+def _expert_params(model):
+    return [p for _, m in model.moe_layers() if m.expert_parallel_group is not None
+            for p in (m.w_in, m.w_out)]
+
+
+def reduce_and_clip_gradients(model, max_norm):
+    """Gradients of the global mean loss, clipped on their global norm (torch's clip_grad_norm_
+    on one process). Dense: all-reduce and average; experts: divide by W (see above)."""
+    if _DIST["world"] == 1:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    W = _DIST["world"]
+    experts = {id(p) for p in _expert_params(model)}
+    dense = [p for p in model.parameters() if id(p) not in experts]
+    for p in dense:
+        if p.grad is None:                            # every rank must send the same layout
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in dense])  # one all-reduce for all dense grads
+    torch.distributed.all_reduce(flat)
+    flat /= W
+    for p, g in zip(dense, flat.split([p.numel() for p in dense])):
+        p.grad.copy_(g.view_as(p))
+    expert_sq = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for p in _expert_params(model):
+        if p.grad is not None:
+            p.grad /= W
+            expert_sq += p.grad.double().square().sum()
+    torch.distributed.all_reduce(expert_sq)           # the slices' squared norms, summed
+    total = (flat.double().square().sum() + expert_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def average_over_ranks(values):
+    """Floats (per-rank means over equal-sized slices) -> their mean over ranks (global mean)."""
+    if _DIST["world"] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if _DIST["backend"] == "nccl" else "cpu")
+    torch.distributed.all_reduce(t)
+    return (t / _DIST["world"]).tolist()
+
+
+def average_window(win_loss, win):
+    """In place: the training-loss window (0-d tensors) and routing-stat window, averaged over
+    ranks, so the logged train loss and stats are those of the global batch."""
+    if _DIST["world"] == 1 or not win_loss:
+        return
+    losses = torch.stack(win_loss)
+    torch.distributed.all_reduce(losses)
+    for t, v in zip(win_loss, losses / _DIST["world"]):
+        t.copy_(v)
+    torch.distributed.all_reduce(win)
+    win /= _DIST["world"]
+
+
+def count_parameters(model):
+    """Parameters of the whole model: a sharded MoE counts all its experts, not its slice."""
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum((_DIST["world"] - 1) * p.numel() for p in _expert_params(model))
+
+
+def full_state(model):
+    """The model's state_dict with every sharded MoE's experts gathered (a collective)."""
+    return ecmoe.full_state_dict(model)
+
+
+def check_ranks_agree(cfg, todo, parser):
+    """--resume under torchrun: every rank must find the same runs to do and checkpoints at the
+    same steps (a rank's file missing or older would make the ranks hang on different steps)."""
+    if _DIST["world"] == 1:
+        return
+    mine = [(r, s, torch.load(p, weights_only=True, map_location="cpu")["step"]
+             if (p := run_paths(cfg, r, s)[0]).exists() else 0) for r, s in todo]
+    every = [None] * _DIST["world"]
+    torch.distributed.all_gather_object(every, mine)
+    if any(other != every[0] for other in every):
+        parser.error(f"--resume: the per-rank checkpoints in {cfg.out}/ckpt disagree between the "
+                     f"{_DIST['world']} processes (runs and steps per rank: {every}); remove "
+                     "them to restart those runs, or use another --out")
+
+
+def annotate_distributed(res, argv):
+    """The command, hardware and routing groups of a torchrun run, in its results."""
+    if _DIST["world"] == 1:
+        return
+    W = _DIST["world"]
+    res["command"] = shlex.join(["torchrun", f"--nproc_per_node={W}", "train_tiny.py", *argv])
+    res["distributed"] = dict(world_size=W, backend=_DIST["backend"],
+                              batch_per_process=res["config"]["batch_size"] // W,
+                              note="data parallel dense weights, experts sharded (expert "
+                                   "parallel); routing groups are per process")
+    res["hardware"]["summary"] += f", {W} torchrun processes ({_DIST['backend']})"
+    res["routing_groups"] = routing_groups(dataclasses.replace(
+        Config(**res["config"]), batch_size=res["config"]["batch_size"] // W))
+
+
+# ----------------------------------------------------------------------------------------------
 # Progress display, hardware, main.
 
 
@@ -1130,6 +1329,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     t_start = time.time()
     cfg, parser = parse_config(argv)
+    init_distributed(cfg, parser)                      # torchrun only (section Distributed)
     if cfg.sample:
         if not (Path(cfg.sample) / "results.json").exists():
             parser.error(f"--sample: {cfg.sample!r} has no results.json (not a finished run)")
@@ -1148,7 +1348,8 @@ def main(argv=None):
         if cfg.resume and (done.exists() or ckpt.exists()):
             prev = json.loads(done.read_text()) if done.exists() else \
                 torch.load(ckpt, weights_only=True, map_location="cpu")
-            diff = [k for k in expected if prev["config"].get(k) != expected[k]]
+            diff = [k for k in sorted(expected.keys() | prev["config"].keys())  # world_size too
+                    if prev["config"].get(k) != expected.get(k)]
             if diff:
                 parser.error(f"--resume: {done if done.exists() else ckpt} was made with "
                              f"different {diff}; use another --out or drop --resume")
@@ -1159,6 +1360,7 @@ def main(argv=None):
             for p in (ckpt, done):
                 p.unlink(missing_ok=True)
         todo.append((r, s))
+    check_ranks_agree(cfg, todo, parser)
     print(f"train_tiny: {len(jobs)} runs ({len(results)} already done), arch {cfg.arch}, routers "
           f"{routers}, seeds {seeds}, {cfg.steps} steps, preset {cfg.preset}, device "
           f"{cfg.device}, {cfg.workers} worker(s); corpus {corpus['info']['total_bytes']:,} "
@@ -1191,6 +1393,9 @@ def main(argv=None):
                tokens_per_batch=target_tokens_per_batch(cfg),
                routing_groups=routing_groups(cfg),
                runs=sorted(results, key=lambda r: (r["router"], r["seed"])))
+    annotate_distributed(res, argv)
+    if _DIST["rank"]:                                  # torchrun: rank 0 reports
+        return res
     if cfg.arch == "t5":
         res["span_corruption"] = dict(zip(("n_noise", "n_spans", "enc_len", "dec_len"),
                                           span_counts(cfg)))
@@ -1205,4 +1410,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        finish_distributed()

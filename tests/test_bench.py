@@ -131,3 +131,20 @@ def test_compile_tiny_on_cpu(tmp_path):
         assert "dense_compiled_ms" in row
     else:
         assert any("compile" in note for note in result["notes"]), result["notes"]
+
+
+# ----------------------------------------------------------------------------- --expert-parallel
+def test_expert_parallel_mode_counts_bytes_and_times_the_exchange(tmp_path):
+    """--expert-parallel spawns W gloo processes: 4 all-to-alls per step, each sending
+    e*k*d*4 B*(W-1)/W from every rank, timed in the layer and alone; W = 1 exchanges nothing."""
+    path = tmp_path / "ep.json"
+    result = bench.main(["--expert-parallel", "--quick", "--world-sizes", "1", "2",
+                         "--json", str(path), "--txt", str(tmp_path / "ep.txt")])
+    assert json.loads(path.read_text())["rows"] == result["rows"]
+    one, two = result["rows"]
+    e, k, d = result["config"]["experts"], result["k"], result["config"]["d_model"]
+    assert one["exchanges_per_step"] == 0 and one["bytes_per_exchange"] == 0
+    assert two["exchanges_per_step"] == 4 and two["slots"] == e * k
+    assert two["bytes_per_exchange"] == e * k * d * 4 / 2 and two["bytes_per_step"] == 4 * two["bytes_per_exchange"]
+    assert two["layer_ms"] > 0 and two["in_layer_a2a_ms"] > 0 and two["alone_a2a_ms"] > 0
+    assert "MiB" in (tmp_path / "ep.txt").read_text()

@@ -475,3 +475,15 @@ def test_detokenize_escapes_control_bytes():
     """Samples print on one line: newline and control bytes escaped, sentinels and EOS named."""
     ids = [tt.BYTE0 + b for b in b"a\nb\x0c"] + [tt.SENTINEL0 + 1, tt.EOS]
     assert tt.detokenize(ids) == "a\\nb\\x0c<X1><eos>"
+
+
+def test_group_size_larger_than_the_batch_routes_the_batch_as_one_group():
+    """--group-size g with a batch of B <= g sequences (batch size 1 at inference) routes the batch
+    as one position group: the same output as --group-size 0 (it crashed in to_subgroups)."""
+    cfg = tiny_cfg(group_size=2)
+    model = tt.build_model(cfg, "ec2")
+    tt.init_weights(model, 0)
+    plain = tt.build_model(tiny_cfg(group_size=0), "ec2")
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, tt.vocab_size(cfg), (1, 16))
+    torch.testing.assert_close(model(ids)[0], plain(ids)[0], rtol=0, atol=0)
