@@ -11,12 +11,15 @@ What it does
 Run
     python train_tiny.py --routers top1,top2,ec1,ec2,top2_dropless,dense,top2_aa --out runs/ft
     python finetune.py runs/ft                 # every router and seed of the run, 3 tasks
+                                               # (+ scratch); ~8 min on 2 CPU cores for 7
+                                               # routers x 3 seeds (extrapolated from a
+                                               # measured 5-model, 1-seed run: 109 s)
     python finetune.py runs/ft --help          # every flag with its default
     python finetune.py runs/ft --resume        # skip the (router, seed, task) already finished
     python finetune.py runs/dry --dry-run      # 2 steps per task on a tiny suite, for tests/CI
-                                               # (runs/dry from: train_tiny.py --dry-run --out runs/dry)
+                                               # (runs/dry: train_tiny.py --dry-run --out runs/dry)
 
-The task suite (built in a few seconds, deterministic: numpy default_rng with fixed seeds)
+The task suite (built in ~3-5 s on 2 cores, deterministic: numpy default_rng with fixed seeds)
     Pretraining (train_tiny.load_corpus) holds out every 20th stdlib file (i % 20 == 10 of the
     sorted list of train_tiny.stdlib_files()). Splits, by FILE:
         train       pretraining-train files (i % 20 != 10): seen in pretraining, as GLUE's
@@ -27,24 +30,28 @@ The task suite (built in a few seconds, deterministic: numpy default_rng with fi
     split, examples are unique by prompt; validation and test also drop every prompt that occurs
     in the train pool (identical code appears in several files, e.g. the encodings/ modules).
 
-    task   kind and content                          prompt -> answer           metric, baseline
-    name   generation: the first --body-bytes bytes  'return self._x' + '\\ndef ' exact match;
-           of a function body -> its name and "("     -> 'get_x('                majority = the
-           (greedy; stops at "(" or --name-bytes)                                most frequent
-                                                                                 train name
-    valid  binary: a one-line simple statement as     'f(a[1])  # ok? ' -> 'y'   accuracy;
-           written (y) or with one bracket deleted    'f(a[1]  # ok? ' -> 'n'    balanced 50/50
-           (n; checked: ast.parse fails on it, and
-           parses every y statement)
-    root   5-way: the type of a one-line expression's 'x.y[i] + 1  # root: '     accuracy;
-           root node: c Call, a Attribute, s          -> 'o'                     balanced, ~20%
+    task   kind and content                          prompt -> answer            metric, baseline
+    ident  generation: complete an identifier that   'self.title = title\n'      exact match;
+           occurs earlier in the prompt, from its    '    print(ti' -> 'tle'     majority = the
+           first 2 bytes (--context-bytes of code                              most frequent
+           before it; greedy, stops at EOS or                                  train answer
+           --answer-bytes; not self / cls)
+    valid  binary: a one-line simple statement as     'x = int(s)  # ' -> 'y'    accuracy;
+           written (y) or with one non-space byte     'x = in(s)  # ' -> 'n'     balanced 50/50
+           deleted (n; checked: ast.parse fails on
+           it, and parses every y statement)
+    root   5-way: the type of a one-line expression's 'x.y[i] + 1  # ' -> 'o'    accuracy;
+           root node: c Call, a Attribute, s                                   balanced, 20%
            Subscript, o BinOp, = Compare
-    Expressions and statements are single-line ast nodes of at most --stmt-bytes bytes
-    (expressions at least ROOT_MIN_BYTES). Prompts are FIXED-LENGTH per task, left-padded with
-    PAD (token 0): all rows of a batch share positions, and the MoE layers route in position
-    groups (tokens at one position across the batch, as in pretraining).
-    Classification is rank classification: one forward, the label bytes' logits at the answer
-    position are compared (training: cross-entropy over the full vocabulary on the answer byte).
+    Statements and expressions are single-line ast nodes of at most --stmt-bytes bytes (and at
+    least 12). Prompts are FIXED-LENGTH per task, left-padded with PAD (token 0): all rows of a
+    batch share positions, and the MoE layers route in position groups (tokens at one position
+    across the batch, as in pretraining). Classification is rank classification: one forward,
+    the label bytes' logits at the answer position are compared (training: cross-entropy over
+    the full vocabulary on the answer byte).
+    Tried and dropped (one pretrained dense model, seed 0, 200 steps): `name` (a function's
+    body -> its name) stayed at its majority baseline (always `__init__`, 9% test) and scratch
+    at 0%; `valid` with a deleted BRACKET was solved by counting (94% pretrained, 93% scratch).
 
 Fine-tuning recipe (one for every run; the defaults below are the committed recipe)
     AdamW (beta 0.9/0.95, eps 1e-8, no weight decay), grad-clip 1.0, --lr with linear warmup over
@@ -55,15 +62,17 @@ Fine-tuning recipe (one for every run; the defaults below are the committed reci
     load-balancing loss for token choice; train_tiny.loss_fn). Routing as in pretraining: the
     same layers, capacity factor c and position groups, over the fine-tuning batch; evaluation
     (validation and test, once, after the last step) uses the same batch size (the last batch is
-    filled with repeats of the split's first examples, which are not scored) and the same c.
+    filled with repeats of the split's first examples, which are not scored), the same c and the
+    layers' default group routing (not ecmoe's threshold routing for inference).
     Both --arch modes of the pretraining run: lm (sequence = prompt then answer) and t5 (encoder
     gets the prompt, decoder produces the answer, starting from PAD as in pretraining).
 
 Controls
     positive  "scratch": the same fine-tuning from a randomly initialised (train_tiny
-              .init_weights, per seed) dense model. Pretrained dense must beat it (paired by
-              seed, 95% CI above 0), else pretraining does not show on that task and the task
-              cannot rank pretrained routers.
+              .init_weights, per seed) dense model. Pretrained dense must beat it, paired by
+              seed, by compare.py's rule (95% CI above 0 and mean >= 2 sd of the paired
+              differences); where it does not, pretraining does not show on that task and the
+              task cannot rank pretrained routers.
     null      top2_aa (same router and init as top2, pretrained on another data order) vs top2:
               must come out null.
 
@@ -84,6 +93,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -119,21 +129,21 @@ class Config:
     routers: str = _f("", "comma list of pretrained routers to fine-tune; empty = every router of "
                       "RUN_DIR/results.json (else of RUN_DIR/models/)")
     seeds: str = _f("", "comma list of seeds; empty = every seed of the run")
-    tasks: str = _f("name,valid,root", "comma list of tasks from name, valid, root")
+    tasks: str = _f("ident,valid,root", "comma list of tasks from ident, valid, root")
     no_scratch: bool = _f(False, "skip the positive control (dense from random init per seed)")
-    steps: int = _f(200, "fine-tuning steps per (router, seed, task)")
-    lr: float = _f(1e-3, "peak learning rate (linear warmup, then linear decay to 0)")
-    warmup: int = _f(20, "linear warmup steps")
+    steps: int = _f(120, "fine-tuning steps per (router, seed, task)")
+    lr: float = _f(2e-3, "peak learning rate (linear warmup, then linear decay to 0)")
+    warmup: int = _f(12, "linear warmup steps")
     batch_size: int = _f(32, "examples per step; evaluation uses the same (routing groups!)")
     train_examples: int = _f(4096, "examples in each task's train split")
     val_examples: int = _f(256, "examples in each validation split (fewer if the held-out files "
                            "have fewer)")
-    test_examples: int = _f(512, "examples in each test split (fewer if the held-out files have "
+    test_examples: int = _f(1024, "examples in each test split (fewer if the held-out files have "
                             "fewer)")
-    body_bytes: int = _f(64, "name: bytes of the function body in the prompt")
-    name_bytes: int = _f(20, "name: longest answer (name + '(') in bytes; longer names are not "
-                         "used, generation stops after this many bytes")
-    stmt_bytes: int = _f(64, "valid / root: longest statement / expression in bytes")
+    context_bytes: int = _f(40, "ident: bytes of code before the identifier in the prompt")
+    answer_bytes: int = _f(11, "ident: longest answer (rest of the identifier + EOS) in tokens; "
+                           "generation stops after this many")
+    stmt_bytes: int = _f(40, "valid / root: longest statement / expression in bytes")
     out: str = _f("", "output directory; empty = RUN_DIR (dry run: RUN_DIR/finetune_dry_run)")
     resume: bool = _f(False, "reuse the finished per-(router, seed, task) results in --out")
     workers: int = _f(2, "worker processes (each torch.set_num_threads(--threads)); 1 = in-process")
@@ -143,10 +153,10 @@ class Config:
 
 
 DRY_RUN = dict(steps=2, warmup=1, batch_size=4, train_examples=16, val_examples=6,
-               test_examples=6, body_bytes=32, name_bytes=12, stmt_bytes=32, workers=1)
+               test_examples=6, context_bytes=32, stmt_bytes=32, workers=1)
 # Fields that change a fine-tuning result (a finished result made with others is not reused).
 RESULT_FIELDS = ("steps", "lr", "warmup", "batch_size", "train_examples", "val_examples",
-                 "test_examples", "body_bytes", "name_bytes", "stmt_bytes")
+                 "test_examples", "context_bytes", "answer_bytes", "stmt_bytes")
 SCRATCH = "scratch"          # the positive control's pseudo-router
 SPLIT_SEED = 20_220_209      # sampling of the suite (fixed: the same suite for every run)
 DATA_SEED = 31_337           # fine-tuning batch order: default_rng([DATA_SEED, seed, task, step])
@@ -212,7 +222,8 @@ def validate(cfg, parser):
     if cfg.train_examples < cfg.batch_size:
         parser.error(f"--train-examples ({cfg.train_examples}) must be >= --batch-size "
                      f"({cfg.batch_size}): batches are drawn without replacement")
-    for name, lo in (("body_bytes", 8), ("stmt_bytes", ROOT_MIN_BYTES), ("name_bytes", 2)):
+    for name, lo in (("context_bytes", 8), ("stmt_bytes", ROOT_MIN_BYTES), ("answer_bytes",
+                                                                               IDENT_MIN_BYTES)):
         if getattr(cfg, name) < lo:
             parser.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(cfg, name)}")
     if cfg.device not in ("cpu", "cuda"):
@@ -244,21 +255,23 @@ class Task:
     cue: bytes                # appended to the content: ends every prompt
     labels: tuple = ()        # classify: one answer byte per class
     classes: tuple = ()       # classify: what each label means
-    stop: bytes = b""         # generate: the byte that ends an answer
+    stop: int = 0             # generate: the token that ends an answer
 
 
 TASKS = {
-    "name": Task("name", "generate", "exact match", b"\ndef ", stop=b"("),
-    "valid": Task("valid", "classify", "accuracy", b"  # ok? ", labels=(b"y", b"n"),
-                  classes=("parses", "one bracket deleted")),
-    "root": Task("root", "classify", "accuracy", b"  # root: ",
-                 labels=(b"c", b"a", b"s", b"o", b"="),
+    "ident": Task("ident", "generate", "exact match", b"", stop=EOS),
+    "valid": Task("valid", "classify", "accuracy", b"  # ", labels=(b"y", b"n"),
+                  classes=("parses", "one byte deleted")),
+    "root": Task("root", "classify", "accuracy", b"  # ", labels=(b"c", b"a", b"s", b"o", b"="),
                  classes=("Call", "Attribute", "Subscript", "BinOp", "Compare")),
 }
 SPLITS = ("train", "val", "test")
-ROOT_MIN_BYTES = 12            # shorter expressions are mostly trivial (a name and one call)
-BODY_MIN_BYTES = 16            # name: skip functions with almost no body
-BRACKETS = b"()[]{}"
+IDENT_MIN_BYTES = 4            # ident: no 1-3 byte names (i, x, fp, obj)
+IDENT_HINT = 2                 # ident: the prompt ends with the identifier's first 2 bytes
+IDENT_EVERY = 2                # ident: every 2nd identifier occurrence of a file (walk order)
+IDENT_SKIP = (b"self", b"cls")  # ident: too frequent (a third of all candidates)
+ROOT_MIN_BYTES = 12            # root: shorter expressions are mostly a name and one call
+VALID_MIN_BYTES = 12           # valid: shorter statements are mostly `pass`, `return x`
 SIMPLE_STMTS = (ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Delete,
                 ast.Raise, ast.Assert, ast.Import, ast.ImportFrom)
 
@@ -280,60 +293,86 @@ def split_files(files):
                 test=held[1::2])
 
 
-def _body_text(node, lines):
-    """The source bytes of a function's body, dedented by its first statement's indentation."""
-    first = node.body[0]
-    rows = lines[first.lineno - 1:node.end_lineno]
-    indent = first.col_offset
-    out = [rows[0][indent:]]
-    for r in rows[1:]:
-        lead = len(r) - len(r.lstrip(b" \t"))
-        out.append(r[min(indent, lead):])
-    return b"\n".join(out)
+def _walk(tree):
+    """All nodes of an ast (like ast.walk, without the shared Load/Store context nodes; 2x
+    faster, which matters over 700 files)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for name in node._fields:
+            v = getattr(node, name, None)
+            if isinstance(v, list):
+                stack.extend(x for x in v if isinstance(x, ast.AST))
+            elif isinstance(v, ast.AST) and name != "ctx":
+                stack.append(v)
 
 
 def file_candidates(src, cfg):
-    """Candidate examples of one file: {task: [(content bytes, answer)]} in source order.
+    """Candidate examples of one file (bytes): {task: [(content bytes, answer)]}.
 
-    name: (first body_bytes of the body, name bytes); valid: (one-line simple statement, None);
-    root: (one-line expression, class index). Offsets are UTF-8 byte offsets (ast's)."""
+    ident: (the context_bytes before an identifier + its first IDENT_HINT bytes, the rest of
+    it), for every IDENT_EVERY-th Name / Attribute identifier of IDENT_MIN_BYTES ..
+    answer_bytes + 1 ASCII bytes (not self / cls) that also occurs in that context.
+    valid: (a one-line simple statement, None); root: (a one-line expression of one of the
+    root classes, class index). Offsets are ast's UTF-8 byte offsets. Whether a valid / root
+    content parses on its own is checked when it is sampled (check_candidate), not here: that
+    would be ~200k parses."""
     out = {t: [] for t in TASKS}
     try:
         tree = ast.parse(src)
     except (SyntaxError, ValueError):
         return out
-    lines = src.splitlines()
+    lines = src.splitlines()             # the line breaks Python counts: \n, \r\n, \r
+    starts = np.cumsum([0] + [len(r) for r in src.splitlines(keepends=True)])
     roots = {c: i for i, c in enumerate(TASKS["root"].classes)}
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            name = node.name.encode()
-            body = _body_text(node, lines)[:cfg.body_bytes]
-            if len(name) < cfg.name_bytes and name.isascii() and len(body) >= BODY_MIN_BYTES:
-                out["name"].append((body, name))
+    n_ident = 0
+    for node in _walk(tree):
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            ident = (node.id if isinstance(node, ast.Name) else node.attr).encode()
+            if IDENT_MIN_BYTES <= len(ident) <= cfg.answer_bytes + 1 and ident.isascii() \
+                    and ident not in IDENT_SKIP:
+                n_ident += 1
+                if n_ident % IDENT_EVERY == 0:
+                    line, col = (node.lineno, node.col_offset) if isinstance(node, ast.Name) \
+                        else (node.end_lineno, node.end_col_offset - len(ident))
+                    at = int(starts[line - 1]) + col            # byte offset in the file
+                    context = src[max(0, at - cfg.context_bytes):at]
+                    if src[at:at + len(ident)] == ident and ident in context:
+                        out["ident"].append((context + ident[:IDENT_HINT], ident[IDENT_HINT:]))
+        if getattr(node, "end_lineno", None) is None or node.lineno != node.end_lineno:
             continue
-        if getattr(node, "lineno", None) is None or node.lineno != node.end_lineno:
+        simple, root = isinstance(node, SIMPLE_STMTS), roots.get(type(node).__name__)
+        if not simple and root is None:
             continue
         text = lines[node.lineno - 1][node.col_offset:node.end_col_offset]
         if len(text) > cfg.stmt_bytes:
             continue
-        if isinstance(node, SIMPLE_STMTS):
-            if any(b in BRACKETS for b in text) and parses(text):
-                out["valid"].append((text, None))
-        elif type(node).__name__ in roots and len(text) >= ROOT_MIN_BYTES:
-            # the segment must parse alone with the same root (not, e.g., part of an f-string)
-            try:
-                same = type(ast.parse(text, mode="eval").body) is type(node)
-            except (SyntaxError, ValueError):
-                same = False
-            if same:
-                out["root"].append((text, roots[type(node).__name__]))
+        if simple and len(text) >= VALID_MIN_BYTES:
+            out["valid"].append((text, None))
+        if root is not None and len(text) >= ROOT_MIN_BYTES:
+            out["root"].append((text, root))
     return out
 
 
-def delete_bracket(text, rng):
-    """Delete one bracket of text (bytes) so that it no longer parses -> bytes, or None when
-    every single deletion still parses (all brackets inside string literals)."""
-    pos = [i for i, b in enumerate(text) if b in BRACKETS]
+def check_candidate(task, content, answer):
+    """valid: the statement parses on its own; root: the expression parses on its own with
+    the same root type (not, e.g., a piece of an f-string). ident: always usable."""
+    if task.name == "valid":
+        return parses(content)
+    if task.name == "root":
+        try:
+            body = ast.parse(content, mode="eval").body
+        except (SyntaxError, ValueError):
+            return False
+        return type(body).__name__ == task.classes[answer]
+    return True
+
+
+def delete_byte(text, rng):
+    """Delete one non-space byte of text (bytes) so that it no longer parses -> bytes, or None
+    when no single deletion breaks it. Positions are tried in random order."""
+    pos = [i for i, b in enumerate(text) if b not in b" \t"]
     for i in rng.permutation(pos):
         bad = text[:i] + text[i + 1:]
         if not parses(bad):
@@ -349,14 +388,15 @@ def encode_examples(task, items, cfg):
     """[(content, answer bytes, source)] -> split dict of fixed-length token arrays:
     prompt [N, P] (left-padded content + cue), answer [N, A] (PAD after the end), label [N]
     (classify: class index, else -1), and text / answer_text / source lists."""
-    width = cfg.body_bytes if task.kind == "generate" else cfg.stmt_bytes
+    width = cfg.context_bytes + IDENT_HINT if task.kind == "generate" else cfg.stmt_bytes
     P = width + len(task.cue)
-    A = cfg.name_bytes if task.kind == "generate" else 1
+    A = cfg.answer_bytes if task.kind == "generate" else 1
     prompt = np.zeros((len(items), P), np.int64)
     answer = np.zeros((len(items), A), np.int64)
     for j, (content, ans, _) in enumerate(items):
         prompt[j] = _pad_left([b + BYTE0 for b in content + task.cue], P)
-        answer[j, :len(ans)] = [b + BYTE0 for b in ans]
+        ans = [b + BYTE0 for b in ans] + ([task.stop] if task.kind == "generate" else [])
+        answer[j, :len(ans)] = ans
     label = np.array([task.labels.index(a) if task.kind == "classify" else -1
                       for _, a, _ in items], np.int64)
     return dict(prompt=prompt, answer=answer, label=label,
@@ -374,21 +414,24 @@ def _unique(cands, exclude=()):
     return out
 
 
-def sample_split(task, split, pool, n, rng):
-    """Deterministic examples of one split -> [(content, answer bytes, source)].
+def sample_split(task, pool, n, rng):
+    """Deterministic examples of one split from its pool -> [(content, answer bytes, source)].
 
-    name: n random functions. valid: n statements, the first n // 2 (of a random order) with a
-    bracket deleted (statements where no deletion breaks parsing are skipped). root: n // K per
-    class (the first n % K classes one more), capped by the smallest class pool."""
-    if task.name == "name":
-        pick = rng.permutation(len(pool))[:n]
-        return [(pool[i][0], pool[i][1] + task.stop, pool[i][2]) for i in pick]
+    ident: n random candidates. valid: n statements, the first n // 2 (of a random order) with
+    one byte deleted (statements where no single deletion breaks parsing are skipped). root:
+    n // K per class (the first n % K classes one more); when a class has fewer usable
+    examples, every class gets that many (balanced). Contents failing check_candidate are
+    skipped."""
+    if task.kind == "generate":
+        return [pool[i] for i in rng.permutation(len(pool))[:n]]
     if task.name == "valid":
         out, n_bad = [], n // 2
         for i in rng.permutation(len(pool)):
             text, _, src = pool[i]
+            if not check_candidate(task, text, None):
+                continue
             if len(out) < n_bad:
-                bad = delete_bracket(text, rng)
+                bad = delete_byte(text, rng)
                 if bad is not None:
                     out.append((bad, b"n", src))
             else:
@@ -397,13 +440,18 @@ def sample_split(task, split, pool, n, rng):
                 break
         return [out[i] for i in rng.permutation(len(out))]
     K = len(task.labels)
-    by_class = [[c for c in pool if c[1] == k] for k in range(K)]
-    per = min(n // K + 1, min(len(c) for c in by_class))
-    out = []
-    for k, cands in enumerate(by_class):
-        m = min(per, n // K + (k < n % K))
-        out += [(cands[i][0], task.labels[k], cands[i][2])
-                for i in rng.permutation(len(cands))[:m]]
+    taken = []
+    for k in range(K):
+        cands = [c for c in pool if c[1] == k]
+        want, got = n // K + (k < n % K), []
+        for i in rng.permutation(len(cands)):
+            if len(got) == want:
+                break
+            if check_candidate(task, cands[i][0], k):
+                got.append((cands[i][0], task.labels[k], cands[i][2]))
+        taken.append(got)
+    per = min(len(g) for g in taken)        # a class short of n // K: all get as many
+    out = [x for g in taken for x in (g if per >= n // K else g[:per])]
     return [out[i] for i in rng.permutation(len(out))]
 
 
@@ -415,11 +463,12 @@ def majority_baseline(task, data):
                                for s in ("val", "test")})
 
 
-def build_suite(cfg, tasks=None):
-    """-> dict(tasks={task: {train, val, test: encode_examples dicts, baseline, ...}}, info).
-
-    Deterministic: a pure function of the installed stdlib and the size flags."""
-    tasks = list(tasks or task_list(cfg))
+@functools.lru_cache(maxsize=2)
+def candidate_pools(context_bytes, answer_bytes, stmt_bytes):
+    """Parse every stdlib file once -> ({split: {task: [(content, answer, file)]}}, info).
+    The expensive part of build_suite (~3 s); cached in memory (by the flags that shape it),
+    so one process builds it once. The lists are never modified."""
+    cfg = Config(context_bytes=context_bytes, answer_bytes=answer_bytes, stmt_bytes=stmt_bytes)
     root, files = tt.stdlib_files()
     parts = split_files(files)
     sha = hashlib.sha256()
@@ -438,21 +487,38 @@ def build_suite(cfg, tasks=None):
     finally:
         if enabled:
             gc.enable()
+    files_of = {s: [str(files[i].relative_to(root)) for i in parts[s]] for s in ("val", "test")}
+    info = dict(source=f"python stdlib *.py ({root})", n_files=len(files),
+                stdlib_sha256=sha.hexdigest(), files=files_of,
+                n_train_files=len(parts["train"]),
+                split="train: pretraining-train files (i % 20 != 10); val / test: held-out "
+                      "files (i % 20 == 10), alternating")
+    return pools, info
+
+
+def build_suite(cfg, tasks=None):
+    """-> dict(tasks={task: {train, val, test: encode_examples dicts, baseline, ...}}, info).
+
+    Deterministic: a pure function of the installed stdlib and the size flags."""
+    tasks = list(tasks or task_list(cfg))
+    pools, info = candidate_pools(cfg.context_bytes, cfg.answer_bytes, cfg.stmt_bytes)
     out = {}
     n_want = dict(train=cfg.train_examples, val=cfg.val_examples, test=cfg.test_examples)
     for ti, name in enumerate(tasks):
         task = TASKS[name]
         train_pool = _unique(pools["train"][name])
         seen = {c[0] for c in train_pool}
-        data = dict(task=dataclasses.asdict(task), pool={})
+        data = dict(task={k: v.decode() if isinstance(v, bytes) else
+                          [x.decode() for x in v] if k == "labels" else v
+                          for k, v in dataclasses.asdict(task).items()}, pool={})
         for si, split in enumerate(SPLITS):
             pool = train_pool if split == "train" else _unique(pools[split][name], seen)
             rng = np.random.default_rng([SPLIT_SEED, list(TASKS).index(name), si])
-            items = sample_split(task, split, pool, n_want[split], rng)
+            items = sample_split(task, pool, n_want[split], rng)
             if len(items) < (cfg.batch_size if split == "train" else 1):
                 raise ValueError(f"task {name!r}: only {len(items)} {split} examples (pool "
                                  f"{len(pool)}); lower --batch-size or raise --stmt-bytes / "
-                                 "--body-bytes")
+                                 "--context-bytes")
             data[split] = encode_examples(task, items, cfg)
             data["pool"][split] = len(pool)
         data["baseline"] = majority_baseline(task, data)
@@ -462,12 +528,6 @@ def build_suite(cfg, tasks=None):
             h.update(data[split]["prompt"].tobytes() + data[split]["answer"].tobytes())
         data["sha256"] = h.hexdigest()
         out[name] = data
-    files_of = {s: [str(files[i].relative_to(root)) for i in parts[s]] for s in ("val", "test")}
-    info = dict(source=f"python stdlib *.py ({root})", n_files=len(files),
-                stdlib_sha256=sha.hexdigest(), files=files_of,
-                n_train_files=len(parts["train"]),
-                split="train: pretraining-train files (i % 20 != 10); val / test: held-out "
-                      "files (i % 20 == 10), alternating")
     return dict(tasks=out, info=info)
 
 
@@ -538,16 +598,16 @@ def accuracy(pred, gold):
 
 
 def decode_answer(tokens, stop):
-    """Generated tokens [A] -> answer bytes up to and including the stop byte, or None when the
-    stop byte never came (the answer did not end: always wrong)."""
+    """Generated tokens [A] -> the answer bytes before the stop token, or None when the stop
+    token never came or a non-byte token came first (the answer did not end: always wrong)."""
     out = bytearray()
     for t in tokens:
         t = int(t)
+        if t == stop:
+            return bytes(out)
         if t < BYTE0 or t >= BYTE0 + 256:
             return None
         out.append(t - BYTE0)
-        if out[-1:] == stop:
-            return bytes(out)
     return None
 
 
@@ -581,13 +641,14 @@ def generate(model, prompt, arch, max_len, stop_token):
 
 @torch.no_grad()
 def evaluate(model, task, data, arch, batch_size, device):
-    """Score of a split in % and per-example correctness [N] (0/1). Batches of batch_size, as in
-    training (routing groups are positions across the batch); the last batch is filled with the
-    split's first examples, whose predictions are dropped."""
+    """Score of a split in % (accuracy or exact_match) and per-example correctness [N] (0/1).
+    Batches of batch_size, as in training (routing groups are positions across the batch); the
+    last batch is filled with the split's first examples, whose predictions are dropped."""
     N = len(data["answer_text"])
     order = np.concatenate([np.arange(N), np.arange(-N % batch_size) % N])
+    labels = torch.tensor([b[0] + BYTE0 for b in task.labels], dtype=torch.long, device=device)
     model.eval()
-    correct = []
+    preds = []                            # classify: class indices; generate: bytes or None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
         for s in range(0, len(order), batch_size):
@@ -598,18 +659,17 @@ def evaluate(model, task, data, arch, batch_size, device):
                     logits = model(prompt)[0][:, -1]                       # [B, V]
                 else:
                     logits = model(prompt, prompt.new_full((len(idx), 1), PAD))[0][:, 0]
-                labels = torch.tensor([b[0] + BYTE0 for b in task.labels], device=device)
-                pred = rank_classify(logits, labels).cpu().numpy()
-                correct += (pred == data["label"][idx]).tolist()
+                preds += rank_classify(logits, labels).tolist()
             else:
-                A = data["answer"].shape[1]
-                gen = generate(model, prompt, arch, A, task.stop[0] + BYTE0).cpu()
-                for j, g in zip(idx, gen):
-                    correct.append(decode_answer(g, task.stop) == data["answer_text"][j]
-                                   .encode())
+                gen = generate(model, prompt, arch, data["answer"].shape[1], task.stop)
+                preds += [decode_answer(g, task.stop) for g in gen.cpu()]    # [B] answers
     model.train()
-    correct = [int(c) for c in correct[:N]]
-    return 100.0 * float(np.mean(correct)), correct
+    preds = preds[:N]
+    if task.kind == "classify":
+        gold = data["label"].tolist()
+        return accuracy(preds, gold), [int(p == g) for p, g in zip(preds, gold)]
+    gold = [a.encode() for a in data["answer_text"]]
+    return exact_match(preds, gold), [int(p == g) for p, g in zip(preds, gold)]
 
 
 def lr_at(step, cfg):
@@ -702,7 +762,8 @@ def finetune_one(cfg, router, seed, task_name, suite):
                   for s in ("val", "test")}
         result = dict(router=router, seed=seed, task=task_name, kind=task.kind,
                       metric=task.metric, val=scores["val"][0], test=scores["test"][0],
-                      val_correct=scores["val"][1], test_correct=scores["test"][1],
+                      val_correct="".join(map(str, scores["val"][1])),     # "0110...": one
+                      test_correct="".join(map(str, scores["test"][1])),   # char per example
                       train_loss=[round(float(x), 5) for x in torch.stack(losses).cpu()],
                       train_time=train_time, eval_time=time.perf_counter() - t1,
                       s_per_step=train_time / cfg.steps, arch=cfg_pre.arch,
@@ -728,7 +789,8 @@ def _worker_run(cfg, router, seed, task):
 # Analysis: per-router scores, paired differences, controls.
 
 PAIRS = (("ec1", "top1"), ("ec2", "top2"), ("ec2", "top2_dropless"), ("ec2", "dense"),
-         ("ec2", "top2_gshard"), ("cap2", "top2"), ("cap3", "top2"), ("top2", "dense"))
+         ("ec1", "dense"), ("ec2", "top2_gshard"), ("cap2", "top2"), ("cap3", "top2"),
+         ("top2", "dense"))
 POSITIVE = ("dense", SCRATCH)      # pretrained dense - the same model never pretrained
 NULL = ("top2_aa", "top2")
 AVERAGE = "average"                # mean over the tasks of one run (GLUE's average score)
@@ -771,7 +833,7 @@ def paired_diff(a, b):
 def analyse(res):
     """-> dict(routers, pairs, positive, null, verdict) from res['runs'] and res['suite']."""
     test, val = scores_by(res["runs"]), scores_by(res["runs"], "val")
-    tasks = [t for t in test if t != AVERAGE] + ([AVERAGE] if AVERAGE in test else [])
+    tasks = [t for t in res["tasks"] if t in test] + ([AVERAGE] if AVERAGE in test else [])
     order = [r for r in res["routers"] if any(r in test[t] for t in tasks)]
     routers = {t: {rt: dict(test=_stat(list(test[t][rt].values())),
                             val=_stat(list(val[t][rt].values())), per_seed=test[t][rt])
@@ -793,9 +855,10 @@ def analyse(res):
     pairs = [pair(a, b, "comparison") for a, b in PAIRS if a in have and b in have]
     positive = pair(*POSITIVE, "positive control") if set(POSITIVE) <= have else None
     null = pair(*NULL, "null control") if set(NULL) <= have else None
-    if positive:
+    if positive:          # compare.py's rule, with the sign of a score (higher = better)
         for t, d in positive["by_task"].items():
-            d["passes"] = bool(d.get("n", 0) > 1 and d["lo"] > 0)
+            d["passes"] = bool(d.get("n", 0) > 1 and compare.positive_control_passes(
+                dict(mean=-d["mean"], lo=-d["hi"], hi=-d["lo"], sd=d["sd"])))
     if null:
         for t, d in null["by_task"].items():
             d["null_ok"] = bool(d.get("n", 0) > 1 and d["lo"] <= 0 <= d["hi"])
@@ -816,7 +879,7 @@ def _wins(p):
     if not p["wins_per_seed"]:
         return "-"
     counts = ", ".join(f"s{s}: {c}" for s, c in p["wins_per_seed"].items())
-    return f"{p['wins_summary']['mean']:.1f} of {p['n_tasks']} (per seed {counts})"
+    return f"{p['wins_summary']['mean']:.1f} of {p['n_tasks']} tasks per seed ({counts})"
 
 
 def verdict(res, a):
@@ -826,8 +889,10 @@ def verdict(res, a):
     real = [t for t in a["tasks"] if t != AVERAGE]
     if pos:
         ok = [t for t in real if pos["by_task"].get(t, {}).get("passes")]
-        lines.append(f"Positive control (pretrained dense - scratch dense, test score): passes on "
-                     f"{len(ok)} of {len(real)} tasks ({', '.join(ok) or 'none'}); "
+        lines.append(f"Positive control (pretrained dense - scratch dense, test score; passes "
+                     "when the 95% CI is above 0 and the mean >= 2 sd of the paired "
+                     f"differences): passes on {len(ok)} of {len(real)} tasks "
+                     f"({', '.join(ok) or 'none'}); "
                      + "; ".join(f"{t} {_ci(pos['by_task'][t])} pts" for t in a["tasks"]
                                  if t in pos["by_task"])
                      + ". Tasks where it fails cannot show an effect of pretraining.")
@@ -846,7 +911,7 @@ def verdict(res, a):
         avg = p["by_task"].get(AVERAGE)
         lines.append(f"{p['challenger']} - {p['baseline']}: "
                      + "; ".join(f"{t} {_ci(d)}" for t, d in p["by_task"].items())
-                     + f" pts. {p['challenger']} scores higher on {_wins(p)} tasks"
+                     + f" pts. {p['challenger']} scores higher on {_wins(p)}"
                      + ("" if not avg or avg.get("n", 0) < 2 else
                         " (average: interval " + ("excludes 0)" if not avg["lo"] <= 0 <= avg["hi"]
                                                  else "includes 0)")))
@@ -871,8 +936,9 @@ def markdown(res):
     out += ["", "## Tasks", "", f"Source: {suite['info']['source']}; {suite['info']['split']}. "
             f"Val files: {', '.join(suite['info']['files']['val'])}. Test files: "
             f"{', '.join(suite['info']['files']['test'])}.", "",
-            "| task | kind | metric | train / val / test examples | prompt + answer bytes | "
-            "majority baseline (test) | chance | test example |", "|---|---|---|---|---|---|---|---|"]
+            "| task | kind | metric | train / val / test examples | prompt + answer tokens | "
+            "majority baseline (test) | chance | test example |",
+            "|---|---|---|---|---|---|---|---|"]
     for t in a["tasks"]:
         if t == AVERAGE:
             continue
@@ -913,7 +979,8 @@ def markdown(res):
                    + f" | {_wins(p)} |")
     sps = [r["s_per_step"] for r in res["runs"]]
     out += ["", f"Fine-tuning speed: {np.mean(sps):.3f} s/step on average (min {min(sps):.3f}, "
-            f"max {max(sps):.3f}); raw per-run scores and per-example correctness in "
+            f"max {max(sps):.3f}); raw per-run scores and per-example correctness (one 0/1 "
+            "character per example, in split order) in "
             "finetune.json. Paper, Table 2 (100M/32E, GLUE+SuperGLUE average): top-1 80.6, "
             "top-2 83.5, EC-CF2 85.0."]
     return "\n".join(out) + "\n"
@@ -968,6 +1035,9 @@ def plot(path, res):
     bx.set_title("challenger - baseline, paired by seed (mean, 95% t interval)", fontsize=9)
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7)
+    pre = res["pretraining"]
+    fig.suptitle(f"fine-tuning of {pre['run_dir']} ({pre['arch']}), seeds "
+                 f"{', '.join(map(str, res['seeds']))}: {res['recipe'][:110]}...", fontsize=8)
     fig.tight_layout()
     tt._atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
@@ -998,8 +1068,10 @@ def resolve_run(cfg, parser):
         found.setdefault(rt, set()).add(int(s))
     routers = [r.strip() for r in cfg.routers.split(",") if r.strip()] if cfg.routers else \
         [r for r in res.get("routers", sorted(found)) if r in found]
-    seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else \
-        sorted(set(res.get("seeds", [])) or set().union(*found.values()) if found else [])
+    if cfg.seeds:
+        seeds = [int(s) for s in cfg.seeds.split(",")]
+    else:
+        seeds = res.get("seeds") or sorted(set().union(*found.values()))
     missing = [f"{r}_s{s}" for r in routers for s in seeds if s not in found.get(r, ())]
     if missing or not routers or not seeds:
         parser.error(f"--routers / --seeds: no saved model for {missing or 'any run'} in "

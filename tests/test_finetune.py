@@ -1,0 +1,343 @@
+"""Properties of finetune.py: the task suite is deterministic and keeps val/test on held-out
+files, its examples are what they claim, the metrics score hand cases right, and a dry run
+fine-tunes a tiny pretraining run end to end (lm and t5) into the files the report describes."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import finetune as ft
+import train_tiny as tt
+
+SMALL = dict(train_examples=256, val_examples=64, test_examples=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared machine: one thread avoids OpenMP oversubscription stalls."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return ft.build_suite(ft.Config(**SMALL))
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A finished tiny lm pretraining run (train_tiny --dry-run) with the controls' routers."""
+    out = tmp_path_factory.mktemp("pre_lm")
+    tt.main(["--dry-run", "--routers", "ec2,top2,dense,top2_aa", "--seeds", "0,1",
+             "--out", str(out)])
+    return out
+
+
+def content(data, j, task):
+    """The example's content bytes: the prompt without its left padding and cue."""
+    raw = bytes(int(t) - tt.BYTE0 for t in data["prompt"][j] if t != tt.PAD)
+    return raw[:len(raw) - len(task.cue)] if task.cue else raw
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """Importing the module in a fresh interpreter prints nothing and writes no file."""
+    root = os.path.dirname(os.path.abspath(ft.__file__))
+    done = subprocess.run([sys.executable, "-B", "-c", "import finetune"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_suite_is_deterministic(suite):
+    """Building the suite again from scratch (cache cleared) gives identical examples."""
+    ft.candidate_pools.cache_clear()
+    again = ft.build_suite(ft.Config(**SMALL))
+    for name, d in suite["tasks"].items():
+        assert d["sha256"] == again["tasks"][name]["sha256"]
+        for split in ft.SPLITS:
+            for key in ("prompt", "answer", "label"):
+                assert np.array_equal(d[split][key], again["tasks"][name][split][key])
+            assert d[split]["source"] == again["tasks"][name][split]["source"]
+
+
+def test_val_and_test_come_only_from_held_out_files(suite):
+    """Every val / test example's source file is one pretraining held out (i % 20 == 10, as
+    train_tiny.load_corpus), val and test use disjoint files, train uses none of them, and no
+    val / test prompt equals a train prompt."""
+    root, files = tt.stdlib_files()
+    held = {str(p.relative_to(root)) for i, p in enumerate(files) if i % 20 == 10}
+    assert len(held) >= 30
+    for name, d in suite["tasks"].items():
+        src = {s: set(d[s]["source"]) for s in ft.SPLITS}
+        assert src["val"] <= held and src["test"] <= held, name
+        assert not src["val"] & src["test"], name
+        assert not src["train"] & held, name
+        train = {p.tobytes() for p in d["train"]["prompt"]}
+        assert not any(p.tobytes() in train for s in ("val", "test") for p in d[s]["prompt"])
+
+
+def test_sizes_and_fixed_length_prompts(suite):
+    """Each split has the requested size (root: balanced, so possibly fewer); every prompt of a
+    task has the same length, padding only on the left, and ends with the task's cue."""
+    for name, d in suite["tasks"].items():
+        task = ft.TASKS[name]
+        assert len(d["train"]["answer_text"]) == SMALL["train_examples"]
+        for split in ft.SPLITS:
+            P = d[split]["prompt"]
+            assert P.shape[1] == d["train"]["prompt"].shape[1]
+            real = P != tt.PAD
+            assert (np.diff(real.astype(int), axis=1) >= 0).all()     # PAD, PAD, ..., bytes
+            cue = [b + tt.BYTE0 for b in task.cue]
+            assert not cue or (P[:, P.shape[1] - len(cue):] == cue).all()
+        n_test = len(d["test"]["answer_text"])
+        assert n_test == SMALL["test_examples"] or (name == "root" and n_test >= 60)
+
+
+def test_valid_negatives_fail_to_parse_and_positives_parse(suite):
+    """'n' statements (one byte deleted) fail ast.parse; 'y' statements parse; 50/50 split."""
+    task = ft.TASKS["valid"]
+    for split in ft.SPLITS:
+        d = suite["tasks"]["valid"][split]
+        for j, lab in enumerate(d["label"]):
+            ok = ft.parses(content(d, j, task))
+            assert ok == (task.labels[lab] == b"y"), content(d, j, task)
+        assert abs(np.mean(d["label"]) - 0.5) < 0.01
+
+
+def test_root_labels_are_the_root_node_type(suite):
+    """Every root example parses as an expression whose root node has the labelled type; the
+    classes are balanced."""
+    task = ft.TASKS["root"]
+    for split in ft.SPLITS:
+        d = suite["tasks"]["root"][split]
+        for j, lab in enumerate(d["label"]):
+            body = ast.parse(content(d, j, task), mode="eval").body
+            assert type(body).__name__ == task.classes[lab]
+        counts = np.bincount(d["label"], minlength=len(task.labels))
+        assert counts.max() - counts.min() <= 1
+
+
+def test_ident_answer_completes_an_identifier_of_the_context(suite):
+    """An ident prompt ends with the identifier's first 2 bytes and the whole identifier occurs
+    earlier in the prompt; the answer is the rest, then EOS."""
+    task = ft.TASKS["ident"]
+    for split in ft.SPLITS:
+        d = suite["tasks"]["ident"][split]
+        for j, rest in enumerate(d["answer_text"]):
+            text = content(d, j, task)
+            ident = text[-ft.IDENT_HINT:] + rest.encode()
+            assert ident in text[:-ft.IDENT_HINT]
+            assert (ident[:1].isalpha() or ident[:1] == b"_") and len(ident) >= 4
+            ans = d["answer"][j]
+            assert list(ans[:len(rest) + 1]) == [b + tt.BYTE0 for b in rest.encode()] + [tt.EOS]
+
+
+def test_lm_and_t5_batches_put_the_answer_where_the_loss_is():
+    """lm: targets are -100 except answer positions P-1.., ids continue the prompt with the
+    answer; t5: encoder gets the prompt, decoder input is the answer shifted right after PAD."""
+    data = dict(prompt=np.array([[0, 5, 6], [7, 8, 9]]), answer=np.array([[10, 1, 0],
+                                                                            [11, 12, 1]]))
+    ids, tgt = ft.make_batch(data, np.array([0, 1]), "lm")
+    assert ids.tolist() == [[0, 5, 6, 10, 1], [7, 8, 9, 11, 12]]
+    assert tgt.tolist() == [[-100, -100, 10, 1, -100], [-100, -100, 11, 12, 1]]
+    enc, dec, tgt = ft.make_batch(data, np.array([1]), "t5")
+    assert enc.tolist() == [[7, 8, 9]] and dec.tolist() == [[0, 11, 12]]
+    assert tgt.tolist() == [[11, 12, 1]]
+
+
+def test_metrics_on_hand_cases():
+    """Exact match, accuracy, rank classification (ties: first label), answer decoding."""
+    assert ft.exact_match([b"ab", None, b"c"], [b"ab", b"x", b"d"]) == pytest.approx(100 / 3)
+    assert ft.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 75.0
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [9.0, 0.0, 3.0, 3.0]])
+    assert ft.rank_classify(logits, torch.tensor([2, 3])).tolist() == [1, 0]
+    B = tt.BYTE0
+    assert ft.decode_answer([ord("a") + B, ord("b") + B, tt.EOS, 0], tt.EOS) == b"ab"
+    assert ft.decode_answer([ord("a") + B, ord("b") + B], tt.EOS) is None       # never ended
+    assert ft.decode_answer([tt.PAD, tt.EOS], tt.EOS) is None                   # not a byte
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stub lm: row b emits the bytes of scripts[b] one per step (argmax), then EOS."""
+    def __init__(self, scripts, V=260):
+        super().__init__()
+        self.scripts, self.V, self.P, self.seen = scripts, V, None, []
+
+    def forward(self, ids):
+        B, T = ids.shape
+        self.P = self.P or T
+        self.seen.append(ids.clone())
+        logits = torch.zeros(B, T, self.V)
+        i = T - self.P                                   # answer tokens so far
+        for b, s in enumerate(self.scripts):
+            tok = s[i] + tt.BYTE0 if i < len(s) else tt.EOS
+            logits[b, -1, tok] = 1.0
+        return logits, []
+
+
+def test_generate_stops_and_pads_finished_rows():
+    """Greedy decoding stops at the stop token; a finished row continues with PAD (as after
+    the answer in training); the output always has max_len columns."""
+    model = ScriptedLM([b"a", b"bcd"])
+    out = ft.generate(model, torch.full((2, 3), 7), "lm", 6, tt.EOS)
+    B = tt.BYTE0
+    assert out.tolist() == [[ord("a") + B, tt.EOS, 0, 0, 0, 0],
+                            [ord("b") + B, ord("c") + B, ord("d") + B, tt.EOS, 0, 0]]
+    assert len(model.seen) == 4                          # stopped when both rows ended
+    assert model.seen[-1][0, -2:].tolist() == [tt.EOS, tt.PAD]
+    assert [ft.decode_answer(r, tt.EOS) for r in out] == [b"a", b"bcd"]
+
+
+def test_evaluate_pads_the_last_batch_and_scores_each_example_once():
+    """5 examples in batches of 2: every batch has 2 rows, 5 scores come back, the padded
+    row is not scored."""
+    scripts = [b"ab", b"c", b"ab", b"xy", b"q"]
+    gold = ["ab", "c", "zz", "xy", "q"]
+
+    class ByPrompt(ScriptedLM):
+        def forward(self, ids):
+            self.scripts = [scripts[int(r[0]) - 10] for r in ids]
+            return super().forward(ids)
+
+    model = ByPrompt(scripts)
+    data = dict(prompt=np.array([[10 + j, 3, 3] for j in range(5)]), answer_text=gold,
+                answer=np.zeros((5, 4), np.int64), label=np.full(5, -1))
+    score, correct = ft.evaluate(model, ft.TASKS["ident"], data, "lm", 2, torch.device("cpu"))
+    assert correct == [1, 1, 0, 1, 1] and score == 80.0
+    assert {len(x) for x in model.seen} == {2}
+
+
+def test_evaluate_classify_is_rank_classification_over_the_label_bytes():
+    """Classification scores the label bytes' logits at the last prompt position: here the
+    stub prefers 'n' for prompts starting with an odd token, 'y' otherwise; other tokens have
+    higher logits but are not labels."""
+    task = ft.TASKS["valid"]
+    y, n = (lab[0] + tt.BYTE0 for lab in task.labels)
+
+    class Stub(torch.nn.Module):
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, 260)
+            logits[:, -1, 99] = 10.0                               # not a label: ignored
+            odd = ids[:, 0] % 2 == 1
+            logits[:, -1, n] = odd.float()
+            logits[:, -1, y] = (~odd).float()
+            return logits, []
+
+    data = dict(prompt=np.array([[4, 3], [5, 3], [6, 3]]), label=np.array([0, 1, 1]),
+                answer_text=["y", "n", "n"], answer=np.zeros((3, 1), np.int64))
+    score, correct = ft.evaluate(Stub(), task, data, "lm", 2, torch.device("cpu"))
+    assert correct == [1, 1, 0] and score == pytest.approx(200 / 3)
+
+
+def test_scratch_is_the_dense_model_at_init(lm_run):
+    """The positive control starts from train_tiny.init_weights of the run's dense model,
+    not from the pretrained dense weights."""
+    scratch, _, sha = ft.load_for_finetuning(lm_run, ft.SCRATCH, 1, torch.device("cpu"))
+    pre, cfg = tt.load_model(lm_run, "dense", 1)
+    init = tt.build_model(cfg, "dense")
+    tt.init_weights(init, 1)
+    for (name, a), b, c in zip(scratch.state_dict().items(), init.state_dict().values(),
+                               pre.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(scratch.state_dict().values(),
+                                                       pre.state_dict().values()))
+    assert sha == "init_weights(seed=1)"
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    """Linear warmup to --lr over --warmup steps, linear decay to 0 at --steps."""
+    cfg = ft.Config(steps=10, warmup=2, lr=1.0)
+    lrs = [ft.lr_at(s, cfg) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] == pytest.approx(0.125)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_analysis_pairs_by_seed_and_counts_wins_per_seed():
+    """Paired differences use the same seed on both sides; wins count tasks per seed."""
+    runs = []
+    table = {"ec2": {"a": [60, 70], "b": [50, 50]}, "dense": {"a": [50, 60], "b": [55, 40]}}
+    for rt, tasks in table.items():
+        for task, scores in tasks.items():
+            runs += [dict(router=rt, seed=s, task=task, val=v, test=v, s_per_step=0.1)
+                     for s, v in enumerate(scores)]
+    res = dict(runs=runs, routers=["ec2", "dense"], tasks=["a", "b"])
+    a = ft.analyse(res)
+    p = next(p for p in a["pairs"] if (p["challenger"], p["baseline"]) == ("ec2", "dense"))
+    assert p["by_task"]["a"]["per_seed"] == [10, 10] and p["by_task"]["a"]["mean"] == 10
+    assert p["by_task"]["b"]["per_seed"] == [-5, 10]
+    assert p["wins_per_seed"] == {0: 1, 1: 2} and p["n_tasks"] == 2
+    assert a["routers"][ft.AVERAGE]["ec2"]["per_seed"] == {0: 55.0, 1: 60.0}
+    assert a["positive"] is None and a["null"] is None
+
+
+def test_dry_run_end_to_end_lm_and_resume(lm_run, capsys):
+    """A dry run fine-tunes every (router, seed, task) plus scratch, writes finetune.json / .md /
+    .png, the markdown shows each router, task, baseline and control; --resume reuses all."""
+    res = ft.main([str(lm_run), "--dry-run"])
+    out = lm_run / "finetune_dry_run"
+    assert {"finetune.json", "finetune.md", "finetune.png"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "finetune.json").read_text())
+    routers = ["ec2", "top2", "dense", "top2_aa", ft.SCRATCH]
+    assert saved["routers"] == routers and saved["seeds"] == [0, 1]
+    assert len(saved["runs"]) == len(routers) * 2 * len(ft.TASKS)
+    assert all(r["arch"] == "lm" and 0 <= r["test"] <= 100 for r in saved["runs"])
+    assert len(list((out / "finetune_runs").glob("*.json"))) == len(saved["runs"])
+    md = (out / "finetune.md").read_text()
+    for word in routers + list(ft.TASKS) + ["positive control", "null control",
+                                            "majority baseline", "ec2 - top2", "ec2 - dense"]:
+        assert word in md
+    for name, s in saved["suite"].items():
+        if name != "info":
+            assert f"{s['baseline']['test']:.1f}%" in md
+    assert (out / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["analysis"]["positive"]["challenger"] == "dense"
+    assert saved["analysis"]["null"]["challenger"] == "top2_aa"
+    capsys.readouterr()
+    again = ft.main([str(lm_run), "--dry-run", "--resume"])
+    assert "(30 already done)" in capsys.readouterr().out
+    key = [(r["task"], r["router"], r["seed"], r["test"]) for r in res["runs"]]
+    assert key == [(r["task"], r["router"], r["seed"], r["test"]) for r in again["runs"]]
+
+
+def test_dry_run_t5(tmp_path):
+    """The t5 arch fine-tunes too: encoder gets the prompt, decoder the answer."""
+    tt.main(["--arch", "t5", "--dry-run", "--routers", "ec2,dense", "--seeds", "0",
+             "--out", str(tmp_path)])
+    res = ft.main([str(tmp_path), "--dry-run", "--tasks", "ident,valid"])
+    assert {r["arch"] for r in res["runs"]} == {"t5"}
+    assert len(res["runs"]) == 3 * 2
+    assert (tmp_path / "finetune_dry_run" / "finetune.md").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--tasks", "ident,glue"], "--tasks"),
+    (["--steps", "0"], "--steps"),
+    (["--lr", "-1"], "--lr"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--routers", "top1"], "--routers"),
+    (["--routers", "scratch"], "--routers"),
+    (["--seeds", "7"], "--seeds"),
+    (["--batch-size", "64", "--train-examples", "32"], "--train-examples"),
+    (["--stmt-bytes", "4"], "--stmt-bytes"),
+])
+def test_bad_input_names_the_flag(lm_run, capsys, argv, flag):
+    """Bad flags stop with a message that names the flag."""
+    with pytest.raises(SystemExit):
+        ft.main([str(lm_run), "--dry-run", *argv])
+    assert flag in capsys.readouterr().err
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path, capsys):
+    """A RUN_DIR that does not exist, or has no saved models, is named in the error."""
+    for d in (tmp_path / "nope", tmp_path):
+        with pytest.raises(SystemExit):
+            ft.main([str(d), "--dry-run"])
+        assert "RUN_DIR" in capsys.readouterr().err
