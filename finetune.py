@@ -105,7 +105,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +118,7 @@ import train_tiny as tt
 PAD, EOS, BYTE0 = tt.PAD, tt.EOS, tt.BYTE0
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = tt._f                   # a dataclass field with its --help text
 
 
 @dataclass
@@ -164,22 +163,10 @@ EVAL_SEED = tt.VAL_SEED      # torch seed during evaluation (top2_gshard's rando
 
 
 def build_parser(suppress_defaults=False):
-    p = argparse.ArgumentParser(
-        prog="finetune.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        epilog="dry run: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
-    for f in dataclasses.fields(Config):
-        help = f.metadata["help"].replace("%", "%%")
-        kw = {} if suppress_defaults else {"default": f.default}
-        if f.name == "run_dir":
-            p.add_argument("run_dir", metavar="RUN_DIR", help=help, **kw)
-        elif f.type in ("bool", bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=help, **kw)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument("--" + f.name.replace("_", "-"), type=typ, help=help, **kw)
-    return p
+    return tt.dataclass_parser(
+        Config, "finetune.py", __doc__.split("\n\n")[0],
+        "dry run: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()), suppress_defaults,
+        positional=("run_dir",))
 
 
 def parse_config(argv):

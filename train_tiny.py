@@ -184,23 +184,34 @@ RESULT_FIELDS = ("arch", "steps", "eval_every", "val_batches", "batch_size", "ch
                  "encoder_group", "data")
 
 
-def build_parser(suppress_defaults=False):
+def dataclass_parser(config_cls, prog, description, epilog, suppress_defaults=False,
+                     positional=()):
+    """An argparse parser with one flag per field of config_cls (--field-name, the field's type,
+    its metadata help, bools as store_true); fields named in `positional` are positional
+    arguments. suppress_defaults: parse only what was given (to tell given flags from defaults)."""
     p = argparse.ArgumentParser(
-        prog="train_tiny.py", description=__doc__.split("\n\n")[0],
+        prog=prog, description=description, epilog=epilog,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        epilog="t5 preset: " + ", ".join(f"{k}={v}" for k, v in T5_PRESET.items())
-        + ". GPU preset: " + ", ".join(f"{k}={v}" for k, v in GPU_PRESET.items()))
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    for f in dataclasses.fields(config_cls):
         kw = {} if suppress_defaults else {"default": f.default}
         help = f.metadata["help"].replace("%", "%%")      # argparse formats help with %
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=help, **kw)
+        if f.name in positional:
+            p.add_argument(f.name, metavar=f.name.upper(), help=help, **kw)
+        elif f.type in ("bool", bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=help, **kw)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=typ, help=help, **kw)
+            p.add_argument("--" + f.name.replace("_", "-"), type=typ, help=help, **kw)
     return p
+
+
+def build_parser(suppress_defaults=False):
+    return dataclass_parser(
+        Config, "train_tiny.py", __doc__.split("\n\n")[0],
+        "t5 preset: " + ", ".join(f"{k}={v}" for k, v in T5_PRESET.items())
+        + ". GPU preset: " + ", ".join(f"{k}={v}" for k, v in GPU_PRESET.items()),
+        suppress_defaults)
 
 
 def parse_config(argv):

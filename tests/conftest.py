@@ -25,3 +25,13 @@ def _has_cupy():
 
 requires_cuda = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
 requires_cupy = pytest.mark.skipif(not _has_cupy(), reason="needs CuPy and a CUDA GPU")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared machine: one torch thread avoids OpenMP oversubscription stalls."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

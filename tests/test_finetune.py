@@ -17,13 +17,8 @@ import train_tiny as tt
 SMALL = dict(train_examples=256, val_examples=64, test_examples=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared machine: one thread avoids OpenMP oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# tiny tensors on a shared machine: one torch thread (conftest.one_thread) for every test here
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

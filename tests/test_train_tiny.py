@@ -20,13 +20,8 @@ TINY = ["--d-model", "32", "--d-ff", "32", "--n-heads", "2", "--enc-layers", "2"
         "--val-batches", "1", "--warmup", "2", "--workers", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared machine: one thread avoids OpenMP oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# tiny tensors on a shared machine: one torch thread (conftest.one_thread) for every test here
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
