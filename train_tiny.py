@@ -9,7 +9,7 @@ What it does
     difference at all. The statistics, tables and plots live in compare.py.
 
 Run
-    python train_tiny.py                      # default comparison on CPU (~9 min on 2 cores)
+    python train_tiny.py                      # default comparison on CPU (~8 min on 2 cores)
     python train_tiny.py --help               # every flag with its default
     python train_tiny.py --dry-run            # two steps of every router, tiny, for CI
     python train_tiny.py --arch t5            # the T5 encoder-decoder with span corruption
