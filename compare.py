@@ -71,6 +71,11 @@ def t_interval(x, level=0.95):
     return mean, mean - half, mean + half, sd, n
 
 
+def t_stats(x, level=0.95):
+    """t_interval as a dict: mean, lo, hi, sd, n."""
+    return dict(zip(("mean", "lo", "hi", "sd", "n"), t_interval(x, level)))
+
+
 def isotonic_decreasing(y):
     """Least-squares non-increasing fit of y (pool adjacent violators). [m] -> [m]."""
     blocks = []                                   # [sum, count] of pooled neighbours
@@ -124,8 +129,7 @@ def paired(a_runs, b_runs):
     seeds = sorted(set(a_runs) & set(b_runs))
     a, b = [a_runs[s] for s in seeds], [b_runs[s] for s in seeds]
     diffs = [x["final_val"] - y["final_val"] for x, y in zip(a, b)]
-    mean, lo, hi, sd, n = t_interval(diffs)
-    out = dict(seeds=seeds, final_diff=dict(per_seed=diffs, mean=mean, lo=lo, hi=hi, sd=sd, n=n))
+    out = dict(seeds=seeds, final_diff=dict(per_seed=diffs, **t_stats(diffs)))
     for name, (p, q) in (("forward", (a, b)), ("reverse", (b, a))):
         out[name] = {str(f): ratio_summary([steps_ratio(x["val_step"], x["val_loss"],
                                                         y["val_step"], y["val_loss"], f)
@@ -208,6 +212,7 @@ def inference_summary(runs, res):
     -> dict(gap=t_interval dict with min/max, deployed=, plus for expert choice the naive gap
     of group routing at batch size 1, the largest |threshold_B - threshold_1|, and per layer the
     loads of threshold routing relative to the training bucket k/n)."""
+    from ecmoe import expert_capacity
     from train_tiny import ROUTER_SPEC, base_router   # imported here: train_tiny imports us
     runs = [runs[s] for s in sorted(runs)]
     inf = [r["inference"] for r in runs]
@@ -219,8 +224,8 @@ def inference_summary(runs, res):
     out = dict(seeds=[r["seed"] for r in runs], routing="threshold" if ec else "group",
                trained=float(np.mean([r["final_val"] for r in runs])),
                deployed=float(np.mean(deployed)),
-               gap=dict(zip(("mean", "lo", "hi", "sd", "n"), t_interval(gaps)),
-                        min=float(min(gaps)), max=float(max(gaps)), per_seed=gaps))
+               gap=dict(t_stats(gaps), min=float(min(gaps)), max=float(max(gaps)),
+                        per_seed=gaps))
     if not ec:
         return out
     naive = [i["group_1"] - r["final_val"] for i, r in zip(inf, runs)]
@@ -234,7 +239,7 @@ def inference_summary(runs, res):
         n = groups.get("encoder" if layer.startswith("enc") else "decoder", groups.get("lm"))
         L = np.array([i["threshold_loads"][layer]["expert_load"] for i in inf])   # [seeds, e]
         e = L.shape[1]
-        bucket = math.ceil(round(n * c / e, 9)) / n if n else c / e   # training: k / n each
+        bucket = expert_capacity(n, e, c) / n if n else c / e   # training: k / n each
         loads[layer] = dict(
             bucket=bucket, experts_per_token=float(L.sum(1).mean()),
             trained_experts_per_token=bucket * e,

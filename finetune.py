@@ -783,11 +783,6 @@ NULL = ("top2_aa", "top2")
 AVERAGE = "average"                # mean over the tasks of one run (GLUE's average score)
 
 
-def _stat(values):
-    mean, lo, hi, sd, n = compare.t_interval(values)
-    return dict(mean=mean, lo=lo, hi=hi, sd=sd, n=n)
-
-
 def scores_by(runs, split="test"):
     """runs -> {task: {router: {seed: score}}}, plus AVERAGE over tasks for runs that have
     every task."""
@@ -813,7 +808,7 @@ def paired_diff(a, b):
     out = dict(seeds=seeds, per_seed=d, wins=sum(x > 0 for x in d), ties=sum(x == 0 for x in d),
                losses=sum(x < 0 for x in d))
     if seeds:
-        out.update(_stat(d))
+        out.update(compare.t_stats(d))
     return out
 
 
@@ -822,8 +817,8 @@ def analyse(res):
     test, val = scores_by(res["runs"]), scores_by(res["runs"], "val")
     tasks = [t for t in res["tasks"] if t in test] + ([AVERAGE] if AVERAGE in test else [])
     order = [r for r in res["routers"] if any(r in test[t] for t in tasks)]
-    routers = {t: {rt: dict(test=_stat(list(test[t][rt].values())),
-                            val=_stat(list(val[t][rt].values())), per_seed=test[t][rt])
+    routers = {t: {rt: dict(test=compare.t_stats(list(test[t][rt].values())),
+                            val=compare.t_stats(list(val[t][rt].values())), per_seed=test[t][rt])
                    for rt in order if rt in test[t]} for t in tasks}
 
     def pair(a, b, role):
@@ -836,7 +831,7 @@ def analyse(res):
         n_tasks = len([t for t in by_task if t != AVERAGE])
         return dict(challenger=a, baseline=b, role=role, by_task=by_task, n_tasks=n_tasks,
                     wins_per_seed=per_seed,
-                    wins_summary=_stat(list(per_seed.values())) if per_seed else None)
+                    wins_summary=compare.t_stats(list(per_seed.values())) if per_seed else None)
 
     have = set(order)
     pairs = [pair(a, b, "comparison") for a, b in PAIRS if a in have and b in have]
@@ -1071,7 +1066,7 @@ def resolve_run(cfg, parser):
     for rt in routers:
         if tt.base_router(rt) in ("cap2", "cap3"):
             _, c, b = tt.ROUTER_SPEC[tt.base_router(rt)]
-            k = math.ceil(n * c / cfg_pre.experts)
+            k = tt.ecmoe.expert_capacity(n, cfg_pre.experts, c)    # the layer's own k
             if b * n < k * cfg_pre.experts:
                 parser.error(f"--batch-size {B}: {rt} is infeasible in position groups of {n} "
                              f"tokens (need b*n >= k*e)")

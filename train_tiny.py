@@ -749,17 +749,17 @@ def inference_eval(model, vals, device):
 
     -> dict: group_1 (every router routes as in training, but in groups of one sequence: for
     expert choice at batch size 1 every expert takes every token, k clips to 1), and for
-    expert-choice models threshold_B / threshold_1 (threshold routing at the training batch
-    size and at batch size 1: equal up to float error, since the rule is per token) with the
-    loads threshold routing gives each MoE layer at batch size 1: expert_load (fraction of
-    tokens each expert takes, per layer) and experts_per_token (bins 0, 1, 2, 3-4, >4)."""
+    expert-choice models threshold_1 (threshold routing at batch size 1; run_one adds
+    threshold_B, the same at the training batch size, from its last validation: equal up to
+    float error, since the rule is per token) with the loads threshold routing gives each MoE
+    layer at batch size 1: expert_load (fraction of tokens each expert takes, per layer) and
+    experts_per_token (bins 0, 1, 2, 3-4, >4)."""
     rows = single_rows(vals)
     try:
         out = dict(group_1=float(np.mean(evaluate(model, rows, device))))
     except ValueError as e:      # capped EC: infeasible in a group of one token
         return dict(group_1=None, error=str(e))
     if expert_choice_layers(model):
-        out["threshold_B"] = float(np.mean(evaluate(model, vals, device, "threshold")))
         stats = []
         out["threshold_1"] = float(np.mean(evaluate(model, rows, device, "threshold", stats)))
         out["threshold_loads"] = {
@@ -957,6 +957,8 @@ def run_one(cfg, router, seed, corpus, report=print):
                       config=result_config(cfg, corpus["info"]),
                       inference=inference_eval(model, vals, device))
         if ec_names:
+            # threshold routing at the training batch size: the last validation measured it
+            result["inference"]["threshold_B"] = log["val_loss_threshold"][-1]
             result.update(val_loss_threshold=log["val_loss_threshold"],
                           thresholds_over_training={n: [t[i] for t in log["thresholds"]]
                                                     for i, n in enumerate(ec_names)})
