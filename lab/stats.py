@@ -1,0 +1,443 @@
+"""lab/stats.py: the statistics of a train_tiny run set, under a written, versioned analysis plan.
+
+    python -m lab.stats assets/lm_pretrain/results.json          # the judgment as markdown
+    python -m lab.stats assets/lm_pretrain/results.json --json   # the same as strict JSON
+
+The plan is docs/analysis_plan.md (version PLAN_VERSION); the constants below are its numbers.
+In short: the primary statistic of a pair is the paired difference of final validation loss,
+challenger - baseline, paired by seed (mean, 95% t interval, two-sided paired-t p). The positive
+control (MoE - dense) passes when the MoE is better and that interval excludes 0. The null control
+(ROUTER_aa - ROUTER) fails when its interval excludes 0: one test, nothing else. The comparisons of
+a run set form one family, Holm-corrected. Every pair reports its minimum detectable effect (MDE).
+Steps-to-target ratios are secondary and descriptive; only the paper's 2x claim reads one.
+
+Input: the dict train_tiny writes as results.json ("runs": one dict per (router, seed) with
+router, seed, val_step, val_loss, final_val). Output of judge(): a strict-JSON dict (None, never
+NaN or Infinity). Depends only on numpy, scipy and the standard library.
+"""
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import scipy.optimize
+import scipy.stats
+
+PLAN_VERSION = "1"
+ALPHA = 0.05                  # two-sided level of every interval and test
+POWER = 0.8                   # the power at which the MDE is quoted
+MDE_GOAL = 0.015              # nats: the resolution seeds_needed() plans for
+COMPARISONS = (("ec1", "top1"), ("ec2", "top2"), ("cap2", "top2"), ("cap3", "top2"),
+               ("ec2", "top2_dropless"), ("ec2", "top2_gshard"), ("top2_gshard", "top2"),
+               ("ec2", "dense"))            # (challenger, baseline): the family, where present
+POSITIVE_CONTROLS = (("top2", "dense"), ("ec2", "dense"))   # the first one present is THE control
+NULL_SUFFIX = "_aa"           # ROUTER_aa: ROUTER again, same initial weights, other data order
+TARGET_FRACTIONS = (0.5, 0.75, 1.0)
+PLATEAU_DROP = 0.02           # nats both curves must still fall between 0.75 f T and f T
+CLAIM_PAIR, CLAIM_RATIO = ("ec2", "top2"), 0.5   # the paper: EC-CF2 needs < half top-2's steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Primary statistic: paired differences, p-values, Holm, power.
+
+
+def finite_1d(x, name="x"):
+    """x as a 1-D float array [n], n >= 1; ValueError if empty, not 1-D or not finite."""
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"{name}: need a non-empty 1-D list of numbers, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains NaN or infinity: {x.tolist()}")
+    return x
+
+
+def paired_t(diffs, alpha=ALPHA):
+    """Per-seed differences [n] -> dict(n, mean, lo, hi, sd, p): mean, two-sided (1 - alpha) t
+    interval and paired-t p-value. With one seed lo, hi, sd and p are None (no interval)."""
+    d = finite_1d(diffs, "paired differences")
+    n, mean = len(d), float(d.mean())
+    if n < 2:
+        return dict(n=1, mean=mean, lo=None, hi=None, sd=None, p=None)
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    half = float(scipy.stats.t.ppf(1 - alpha / 2, n - 1)) * se
+    if se == 0:       # every seed gave the same difference: no noise to test against
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * scipy.stats.t.sf(abs(mean) / se, n - 1))
+    return dict(n=n, mean=mean, lo=mean - half, hi=mean + half, sd=sd, p=p)
+
+
+def holm(pvalues):
+    """Holm-Bonferroni adjusted p-values [m] -> [m], in the input order (None stays None and is
+    not counted in the family)."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    ps = finite_1d([pvalues[i] for i in idx], "p-values") if idx else np.zeros(0)
+    if np.any((ps < 0) | (ps > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {ps.tolist()}")
+    out, m, running = list(pvalues), len(idx), 0.0
+    for rank, j in enumerate(np.argsort(ps, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * float(ps[j])))   # step-down, monotone
+        out[idx[j]] = running
+    return out
+
+
+def power(effect, sd, n, alpha=ALPHA):
+    """Power of the two-sided paired t-test at level alpha for a true mean difference `effect`,
+    paired sd `sd` and n seeds (exact: noncentral t with n - 1 degrees of freedom)."""
+    if n < 2 or not sd > 0:
+        raise ValueError(f"power needs n >= 2 and sd > 0, got n={n}, sd={sd}")
+    crit = scipy.stats.t.ppf(1 - alpha / 2, n - 1)
+    ncp = abs(effect) * math.sqrt(n) / sd
+    near = float(scipy.stats.nct.sf(crit, n - 1, ncp))    # rejecting on the effect's side
+    far = float(scipy.stats.nct.cdf(-crit, n - 1, ncp))   # ... and on the wrong side
+    return near + (far if math.isfinite(far) else 0.0)    # scipy: NaN for tails below ~1e-30
+
+
+def mde(sd, n, alpha=ALPHA, power_goal=POWER):
+    """Minimum detectable paired effect (nats): the true difference that the two-sided paired
+    t-test at level alpha finds with probability power_goal, for paired sd `sd` and n seeds.
+    Exact (noncentral t), not the (t_{1-a/2} + t_power) sd / sqrt(n) approximation."""
+    if n < 2:
+        raise ValueError(f"mde needs n >= 2 seeds (one seed has no test), got n={n}")
+    if not (math.isfinite(sd) and sd >= 0):
+        raise ValueError(f"mde needs a finite sd >= 0, got {sd}")
+    if sd == 0:
+        return 0.0
+    hi = sd
+    while power(hi, sd, n, alpha) < power_goal:           # bracket the answer
+        hi *= 2
+    return float(scipy.optimize.brentq(lambda e: power(e, sd, n, alpha) - power_goal, 0.0, hi,
+                                       xtol=1e-12 * hi))
+
+
+def seeds_needed(sd, mde_target, alpha=ALPHA, power_goal=POWER, max_seeds=100000):
+    """Smallest number of seeds n >= 2 whose MDE (paired sd `sd`) is <= mde_target."""
+    if not (math.isfinite(sd) and sd >= 0) or not mde_target > 0:
+        raise ValueError(f"seeds_needed needs sd >= 0 and mde_target > 0, got {sd}, {mde_target}")
+    z = scipy.stats.norm.ppf(1 - alpha / 2) + scipy.stats.norm.ppf(power_goal)
+    n = max(2, int((z * sd / mde_target) ** 2))    # the normal approximation never overshoots
+    while mde(sd, n, alpha, power_goal) > mde_target:
+        n += 1
+        if n > max_seeds:
+            raise ValueError(f"more than {max_seeds} seeds needed for sd={sd}, mde={mde_target}")
+    return n
+
+
+def positive_control(diffs, alpha=ALPHA):
+    """MoE - dense per seed [n] -> paired_t dict plus passed: True when the MoE is better
+    (mean < 0) and the 95% interval excludes 0; None with one seed (cannot be judged)."""
+    s = paired_t(diffs, alpha)
+    s["passed"] = None if s["hi"] is None else bool(s["mean"] < 0 and s["hi"] < 0)
+    return s
+
+
+def null_control(diffs, alpha=ALPHA):
+    """ROUTER_aa - ROUTER per seed [n] -> paired_t dict plus passed: False exactly when the 95%
+    interval excludes 0 (one test; step ratios are not part of it); None with one seed."""
+    s = paired_t(diffs, alpha)
+    s["passed"] = None if s["lo"] is None else bool(s["lo"] <= 0 <= s["hi"])
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Secondary statistic: steps to target, read two ways round on isotonic fits.
+
+
+def isotonic_decreasing(y):
+    """Least-squares non-increasing fit of y (pool adjacent violators). [m] -> [m]."""
+    means, counts = [], []                        # pooled blocks of neighbours
+    for v in finite_1d(y, "loss curve").tolist():
+        means.append(v)
+        counts.append(1)
+        while len(means) > 1 and means[-2] < means[-1]:     # a rise: pool the two blocks
+            m, c = means.pop(), counts.pop()
+            means[-1] = (means[-1] * counts[-1] + m * c) / (counts[-1] + c)
+            counts[-1] += c
+    return np.repeat(means, counts)
+
+
+def first_crossing(log_steps, fit, target):
+    """First log-step at which the non-increasing piecewise-linear curve (log_steps, fit) [m] is
+    <= target; None if it never gets there or is already below it at its first point."""
+    below = np.nonzero(np.asarray(fit) <= target)[0]
+    if len(below) == 0 or below[0] == 0:
+        return None
+    i = int(below[0])
+    u0, u1, y0, y1 = log_steps[i - 1], log_steps[i], fit[i - 1], fit[i]
+    return float(u0 + (y0 - target) / (y0 - y1) * (u1 - u0))
+
+
+def steps_ratio(steps_a, loss_a, steps_b, loss_b, fraction):
+    """Time-scale ratio of curve a to curve b at a target (< 1: a is faster), read both ways:
+    a reaching b's fitted loss at fraction * b's last step, and b reaching a's at fraction * a's
+    (inverted), averaged in log where both exist. -> dict(ratio, reached): reached = a got to
+    b's target by a's last step. ratio is None only if neither reading exists."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    ua, ub = np.log(finite_1d(steps_a, "steps_a")), np.log(finite_1d(steps_b, "steps_b"))
+    fa, fb = isotonic_decreasing(loss_a), isotonic_decreasing(loss_b)
+    if len(ua) != len(fa) or len(ub) != len(fb):
+        raise ValueError("steps and losses of a curve must have the same length")
+    ta, tb = ua[-1] + math.log(fraction), ub[-1] + math.log(fraction)
+    target_b = float(np.interp(tb, ub, fb))
+    logs = []
+    hit_a = first_crossing(ua, fa, target_b)
+    if hit_a is not None:
+        logs.append(hit_a - tb)
+    hit_b = first_crossing(ub, fb, float(np.interp(ta, ua, fa)))
+    if hit_b is not None:
+        logs.append(ta - hit_b)
+    return dict(ratio=math.exp(sum(logs) / len(logs)) if logs else None,
+                reached=bool(fa[-1] <= target_b))
+
+
+def curve_drop(steps, loss, fraction):
+    """How much the isotonic fit of one curve falls between 0.75 * fraction and fraction of its
+    last step (log-step interpolation), in nats: the plateau test of a target."""
+    u, fit = np.log(finite_1d(steps, "steps")), isotonic_decreasing(loss)
+    at = u[-1] + math.log(fraction)
+    return float(np.interp(at + math.log(0.75), u, fit) - np.interp(at, u, fit))
+
+
+def ratio_summary(ratios, alpha=ALPHA):
+    """Per-seed ratios [n] (None = no reading) -> dict(n_read, ratio, lo, hi): geometric mean
+    and (1 - alpha) t interval of the log ratios over the seeds with a reading."""
+    got = [r for r in ratios if r is not None]
+    if not got:
+        return dict(n_read=0, ratio=None, lo=None, hi=None)
+    s = paired_t(np.log(got), alpha)
+    return dict(n_read=len(got), ratio=math.exp(s["mean"]),
+                lo=None if s["lo"] is None else math.exp(s["lo"]),
+                hi=None if s["hi"] is None else math.exp(s["hi"]))
+
+
+def steps_table(a_runs, b_runs, fractions=TARGET_FRACTIONS):
+    """Challenger runs a vs baseline runs b (lists of run dicts, same seed order) -> {fraction:
+    dict(read, drop, per_seed, reached, n, n_read, ratio, lo, hi)}. A target is read only where
+    both routers' curves, averaged over seeds, fall by PLATEAU_DROP nats over its last quarter."""
+    out = {}
+    for f in fractions:
+        drops = [np.mean([curve_drop(r["val_step"], r["val_loss"], f) for r in runs])
+                 for runs in (a_runs, b_runs)]
+        row = [steps_ratio(a["val_step"], a["val_loss"], b["val_step"], b["val_loss"], f)
+               for a, b in zip(a_runs, b_runs)]
+        entry = dict(read=bool(min(drops) >= PLATEAU_DROP), drop=float(min(drops)),
+                     per_seed=[x["ratio"] for x in row], reached=sum(x["reached"] for x in row),
+                     n=len(row))
+        entry.update(ratio_summary(entry["per_seed"]) if entry["read"] else
+                     dict(n_read=0, ratio=None, lo=None, hi=None))
+        out[str(f)] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying the plan to one results.json.
+
+
+def runs_by_router(results):
+    """results dict -> {router: {seed: run}}; ValueError on no runs or a duplicated run."""
+    if not isinstance(results, dict) or not results.get("runs"):
+        raise ValueError("results: need a dict with a non-empty 'runs' list (a results.json)")
+    by = {}
+    for r in results["runs"]:
+        if r["seed"] in by.setdefault(r["router"], {}):
+            raise ValueError(f"results: router {r['router']} seed {r['seed']} appears twice")
+        by[r["router"]][r["seed"]] = r
+    return by
+
+
+def final_diffs(a_runs, b_runs):
+    """{seed: run} of challenger a and baseline b -> (seeds, a final_val - b final_val per
+    seed); ValueError if the seed sets differ or a final loss is not finite."""
+    if set(a_runs) != set(b_runs) or not a_runs:
+        raise ValueError(f"seeds do not match: {sorted(a_runs)} vs {sorted(b_runs)}")
+    seeds = sorted(a_runs)
+    diffs = [a_runs[s]["final_val"] - b_runs[s]["final_val"] for s in seeds]
+    if not all(math.isfinite(d) for d in diffs):
+        raise ValueError(f"non-finite final_val in seeds {seeds}: differences {diffs}")
+    return seeds, diffs
+
+
+def describe(stat, fmt="{:+.4f}"):
+    """'+0.0098 [-0.0106, +0.0302]' from a paired_t dict, or '+0.0098 (one seed: no interval)'."""
+    if stat["lo"] is None:
+        return fmt.format(stat["mean"]) + " (one seed: no interval)"
+    return f"{fmt.format(stat['mean'])} [{fmt.format(stat['lo'])}, {fmt.format(stat['hi'])}]"
+
+
+def pair_sentence(name, s, interpretable):
+    """The plan's verdict sentence for one pair of the family (s: paired_t + p_holm + mde)."""
+    if s["n"] < 2:
+        return f"{name}: one seed: no interval ({s['mean']:+.4f}); nothing resolved."
+    tail = f"({s['n']} seeds, p = {s['p']:.3g}, Holm p = {s['p_holm']:.3g})"
+    if not interpretable:
+        return f"{name}: not interpretable (controls): {describe(s)} {tail}."
+    if s["resolved"]:
+        a, b = name.split(" - ")
+        word = "better" if s["mean"] < 0 else "worse"
+        return (f"{name}: resolved: {a} {word} than {b} by {abs(s['mean']):.4f} "
+                f"[{abs(s['lo']) if s['mean'] > 0 else abs(s['hi']):.4f}, "
+                f"{abs(s['hi']) if s['mean'] > 0 else abs(s['lo']):.4f}] nats {tail}.")
+    after = " (unadjusted p < 0.05, not after Holm)" if s["p"] < ALPHA else ""
+    return (f"{name}: not resolved{after}: {describe(s)} {tail}; a difference between "
+            f"-{s['mde']:.4f} and +{s['mde']:.4f} (the MDE at {POWER:.0%} power) could still hide.")
+
+
+def judge(results):
+    """Apply plan PLAN_VERSION to one results.json dict -> strict-JSON dict: the controls, every
+    pair of the family (n, mean, CI, sd, p, Holm p, MDE, seeds for MDE_GOAL, resolved, sentence,
+    steps-to-target table) and the paper's 2x claim."""
+    by, notes = runs_by_router(results), []
+
+    def pair(a, b):
+        seeds = sorted(set(by[a]) & set(by[b]))
+        left_out = sorted(set(by[a]) ^ set(by[b]))
+        if not seeds:
+            raise ValueError(f"{a} and {b} share no seed")
+        if left_out:
+            notes.append(f"{a} - {b}: seeds {left_out} have only one of the two routers: left out")
+        A, B = {s: by[a][s] for s in seeds}, {s: by[b][s] for s in seeds}
+        _, d = final_diffs(A, B)
+        s = dict(pair=f"{a} - {b}", challenger=a, baseline=b, seeds=seeds, **paired_t(d))
+        s["mde"] = None if s["n"] < 2 else mde(s["sd"], s["n"])
+        s["seeds_for_goal"] = None if s["n"] < 2 else seeds_needed(s["sd"], MDE_GOAL)
+        s["steps"] = steps_table([A[x] for x in seeds], [B[x] for x in seeds])
+        return s, d
+
+    pos = next(((a, b) for a, b in POSITIVE_CONTROLS if a in by and b in by), None)
+    positive = None
+    if pos:
+        positive, d = pair(*pos)
+        positive["passed"] = positive_control(d)["passed"]
+    nulls = []
+    for rt in by:
+        if rt.endswith(NULL_SUFFIX) and rt[:-len(NULL_SUFFIX)] in by:
+            s, d = pair(rt, rt[:-len(NULL_SUFFIX)])
+            s["passed"] = null_control(d)["passed"]
+            nulls.append(s)
+    if positive is None:
+        why = "no positive control (needs dense and top2 or ec2) in this run set"
+    elif positive["passed"] is not True:
+        why = f"positive control {positive['pair']} " + (
+            "has one seed" if positive["passed"] is None else "failed")
+    elif any(s["passed"] is not True for s in nulls):
+        why = "; ".join(f"null control {s['pair']} " + ("failed" if s["passed"] is False
+                                                         else "has one seed")
+                        for s in nulls if s["passed"] is not True)
+    else:
+        why = "controls passed" + ("" if nulls else " (no null control in this run set)")
+    interpretable = why.startswith("controls passed")
+
+    family = [pair(a, b)[0] for a, b in COMPARISONS if a in by and b in by and (a, b) != pos]
+    for s, ph in zip(family, holm([s["p"] for s in family])):
+        s["p_holm"] = ph
+        s["resolved"] = bool(ph is not None and ph < ALPHA)
+        s["interpretable"] = interpretable
+        s["sentence"] = pair_sentence(s["pair"], s, interpretable)
+
+    claim = None
+    for s in family:
+        if (s["challenger"], s["baseline"]) == CLAIM_PAIR:
+            e = s["steps"]["1.0"]
+            if not interpretable:
+                word = "not judged (controls)"
+            elif not e["read"]:
+                word = "not read (the curves are on a plateau at the end)"
+            elif e["lo"] is None:
+                word = "unresolved (one seed: no interval)"
+            elif e["lo"] >= CLAIM_RATIO:
+                word = "does not hold"
+            elif e["hi"] < CLAIM_RATIO and s["resolved"] and s["mean"] < 0:
+                word = "holds"          # the steps say so, and the final loss agrees
+            else:
+                word = "unresolved"
+            claim = dict(pair=s["pair"], ratio=e["ratio"], lo=e["lo"], hi=e["hi"], verdict=word,
+                         sentence=f"The paper's 2x claim ({s['challenger']} reaches "
+                                  f"{s['baseline']}'s final loss in < {CLAIM_RATIO} of its steps): "
+                                  f"{word}.")
+    if results.get("config", {}).get("dry_run"):
+        notes.append("dry run: the numbers test the plumbing, no verdict")
+    if len(results.get("seeds", [])) == 1:
+        notes.append("one seed: no interval anywhere; every difference is anecdotal")
+    return dict(plan_version=PLAN_VERSION, alpha=ALPHA, power=POWER, mde_goal=MDE_GOAL,
+                positive_control=positive, null_controls=nulls, interpretable=interpretable,
+                why=why, family=[s["pair"] for s in family], pairs=family, claim_2x=claim,
+                notes=notes)
+
+
+def seeds_report(results, goal=MDE_GOAL):
+    """For the controls and the family of a results dict -> {pair: dict(n, sd, mde,
+    seeds_needed)}: the measured paired sd and what it takes to resolve `goal` nats."""
+    j = judge(results)
+    rows = ([j["positive_control"]] if j["positive_control"] else []) + j["null_controls"] + \
+        j["pairs"]
+    return {s["pair"]: dict(n=s["n"], sd=s["sd"], mde=s["mde"],
+                            seeds_needed=None if s["sd"] is None else seeds_needed(s["sd"], goal))
+            for s in rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown and the command line.
+
+
+def ratio_text(e):
+    """'0.98 [0.94, 1.02] (5/5 reached)' from one steps_table entry."""
+    if not e["read"]:
+        return f"plateau ({e['reached']}/{e['n']} reached)"
+    if e["ratio"] is None:
+        return f"no reading ({e['reached']}/{e['n']} reached)"
+    ci = "" if e["lo"] is None else f" [{e['lo']:.2f}, {e['hi']:.2f}]"
+    read = "" if e["n_read"] == e["n"] else f", {e['n_read']}/{e['n']} read"
+    return f"{e['ratio']:.2f}{ci} ({e['reached']}/{e['n']} reached{read})"
+
+
+def markdown(j):
+    """The judgment dict of judge() as a short markdown text."""
+    out = [f"## Judgment under analysis plan v{j['plan_version']} (`python -m lab.stats`)", ""]
+    pc = j["positive_control"]
+    if pc:
+        out.append(f"- Positive control {pc['pair']} = {describe(pc)}"
+                   + ("" if pc["p"] is None else f", p = {pc['p']:.3g}") + ": "
+                   + {True: "passed", False: "FAILED", None: "not judged (one seed)"}[pc["passed"]])
+    for s in j["null_controls"]:
+        out.append(f"- Null control {s['pair']} = {describe(s)}: "
+                   + {True: "passed", False: "FAILED", None: "not judged (one seed)"}[s["passed"]])
+    out.append(f"- Family ({len(j['family'])} pair(s), Holm): " + (", ".join(j["family"]) or "none")
+               + f"; pairs are {'interpretable' if j['interpretable'] else 'NOT interpretable'}: "
+               + j["why"] + ".")
+    out += [f"- {s['sentence']}" for s in j["pairs"]]
+    if j["claim_2x"]:
+        out.append(f"- {j['claim_2x']['sentence']}")
+    out += [f"- Note: {n}" for n in j["notes"]]
+    out += ["", "| pair | n | mean [95% CI] | sd | p | Holm p | MDE | seeds for MDE "
+            f"<= {j['mde_goal']} | steps ratio 50% | 75% | 100% |", "|---" * 11 + "|"]
+    rows = ([pc] if pc else []) + j["null_controls"] + j["pairs"]
+
+    def num(x, f="{:.4f}"):
+        return "-" if x is None else f.format(x)
+    for s in rows:
+        out.append(f"| {s['pair']} | {s['n']} | {describe(s)} | {num(s['sd'])} | "
+                   f"{num(s['p'], '{:.3g}')} | {num(s.get('p_holm'), '{:.3g}')} | "
+                   f"{num(s['mde'])} | {num(s['seeds_for_goal'], '{}')} | "
+                   + " | ".join(ratio_text(s["steps"][str(f)]) for f in TARGET_FRACTIONS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    """Print the judgment of each results.json given on the command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="results.json files (train_tiny --out DIR)")
+    p.add_argument("--json", action="store_true", help="print strict JSON instead of markdown")
+    args = p.parse_args(argv)
+    for path in args.results:
+        with open(path) as fh:
+            j = judge(json.load(fh))
+        print(json.dumps(j, indent=1, allow_nan=False) if args.json else f"# {path}\n\n"
+              + markdown(j))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
