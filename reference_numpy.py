@@ -3,7 +3,9 @@
 Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022, arXiv:2202.09368.
 Sec. 3.2 (expert choice, Eq. 1-4), Sec. 3.3 (the capped variant EC-CAP), and the token-choice
 baselines it is compared with: Switch top-1 (Fedus et al. 2021) and GShard top-2 (Lepikhin et
-al. 2020). `ecmoe.py` is the fast PyTorch version; `tests/` prove the two agree.
+al. 2020), and two routers since: Expert Threshold routing (arXiv 2603.11535) and top-2 with
+auxiliary-loss-free balancing (arXiv 2408.15664). `ecmoe.py` (expert choice) and `moe/` (the
+others) are the fast PyTorch versions; `tests/` prove they agree.
 
 Every function takes ONE routing group as 2-D arrays and needs only the small helpers at the
 top of this file, so it can be copied (EC-CAP: copy its whole section). Arrays may be NumPy or CuPy: the array module is taken from the input, so the same
@@ -15,7 +17,7 @@ Shape legend (the paper's symbols):
     k  bucket size = tokens per expert     c  capacity factor
     b  max experts per token (EC-CAP)      s  slots per expert (k, or capacity for token choice)
 
-Decisions the paper leaves open (also in README "Decisions"):
+Decisions the paper leaves open (also in docs/decisions.md):
     * bucket size k = ceil(n*c/e), clipped to [1, n] (`expert_capacity`);
     * ties are broken towards the lower index everywhere (stable sorts);
     * slot order: expert choice fills slots by decreasing score, token choice in claim order;
@@ -212,7 +214,7 @@ def _scatter_add_rows(xp, out, rows, values):
 # ----------------------------------------------------------------------------------------------
 # Token-choice baselines: Switch top-1 and GShard top-2.
 
-def token_choice(probs, top_k, capacity, second_uniform=None, second_threshold=0.2):
+def token_choice(probs, top_k, capacity, second_uniform=None, second_threshold=0.2, bias=None):
     """Each token picks its top_k experts; experts accept claims until their buffer is full.
 
     probs [n, e], top_k in [1, e], capacity >= 1 -> gates [e, capacity], token_index [e, capacity]
@@ -230,6 +232,9 @@ def token_choice(probs, top_k, capacity, second_uniform=None, second_threshold=0
     min(1, g2 / threshold), g2 being the RENORMALISED second gate. A skipped second choice
     claims no capacity (it is removed before the queue positions are counted) and the first
     gate stays the renormalised g1. second_uniform=None keeps every second choice.
+
+    bias [e] (auxiliary-loss-free balancing, `lossfree_choice`): the experts are chosen on
+    probs + bias; the gates are still the chosen probs (renormalised). None: chosen on probs.
     """
     xp = _array_module(probs)
     _check_probs(probs, xp)
@@ -237,8 +242,9 @@ def token_choice(probs, top_k, capacity, second_uniform=None, second_threshold=0
     _check_int("top_k", top_k, 1, e)
     _check_int("capacity", capacity, 1, math.inf)
     _check_second_choice(second_uniform, second_threshold, top_k, n, xp)
+    scores = probs if bias is None else probs + _checked_bias(bias, e, xp)   # S (+ b)
 
-    choice = xp.argsort(-probs, axis=1, kind="stable")[:, :top_k]     # [n, top_k] expert ids
+    choice = xp.argsort(-scores, axis=1, kind="stable")[:, :top_k]    # [n, top_k] expert ids
     choice_probs = xp.take_along_axis(probs, choice, axis=1)          # [n, top_k]
     if top_k == 1:
         choice_gates = choice_probs
@@ -309,10 +315,85 @@ def router_z_loss(logits):
     return float((lse ** 2).mean())
 
 
+def _checked_bias(bias, e, xp):
+    if getattr(bias, "shape", None) != (e,) or not np.issubdtype(bias.dtype, np.floating):
+        raise ValueError(f"bias must be a float array of shape [e={e}], got {getattr(bias, 'shape', None)}")
+    _check_finite("bias", bias, xp)
+    return bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing since the paper: Expert Threshold (arXiv 2603.11535) and auxiliary-loss-free
+# balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3). ecmoe's versions: moe/threshold.py
+# and moe/token_choice.py's LossFreeMoE.
+
+def expert_threshold_cutoff(probs, capacity_factor):
+    """The cutoff expert choice would use over these tokens: each expert's k-th best score.
+
+    probs [N, e] (ALL tokens of one forward, every group stacked), c -> cutoff [e], with
+    k = expert_capacity(N, e, c). Expert Threshold routing keeps tau, the EMA of these cutoffs
+    (`expert_threshold_update`), and routes every token with threshold_choice(probs, tau): a
+    training forward uses the tau of EARLIER forwards, then updates it with its own cutoff; the
+    first forward (no tau yet) routes with its own cutoff.
+    """
+    xp = _array_module(probs)
+    _check_probs(probs, xp)
+    N, e = probs.shape
+    k = expert_capacity(N, e, capacity_factor)
+    # the k-th largest score of each expert (column): sort each column best first, take row k-1
+    return -xp.sort(-probs, axis=0)[k - 1]                   # [e]
+
+
+def expert_threshold_update(threshold, cutoff, decay):
+    """EMA of the cutoffs: tau <- decay * tau + (1 - decay) * cutoff.
+
+    threshold [e] or None (no forward yet: tau = cutoff), cutoff [e], decay in [0, 1) -> tau [e]
+    """
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    if threshold is None:
+        return cutoff.copy()
+    return decay * threshold + (1 - decay) * cutoff
+
+
+def lossfree_choice(probs, bias, top_k=2):
+    """Top-k with auxiliary-loss-free balancing: choose on S + b, gate with S, drop nothing.
+
+    probs [n, e], bias b [e] -> gates [e, s], token_index [e, s] (-1 = empty slot), load [e]
+    (tokens each expert got); s = the largest load (at least 1), so no claim is ever dropped.
+    b only decides WHICH experts a token gets; its gates are its raw probabilities of them,
+    renormalised to sum 1 (GShard's top-2 gates). Slots in claim order, as token_choice.
+    """
+    xp = _array_module(probs, bias)
+    _check_probs(probs, xp)
+    n, e = probs.shape
+    _check_int("top_k", top_k, 1, e)
+    # each token's top_k experts of S + b (ties to the lower expert index)
+    choice = xp.argsort(-(probs + _checked_bias(bias, e, xp)), axis=1, kind="stable")[:, :top_k]
+    load = xp.bincount(choice.reshape(-1), minlength=e)      # [e]
+    gates, token_index = token_choice(probs, top_k, max(int(load.max()), 1), bias=bias)
+    return gates, token_index, load
+
+
+def lossfree_bias_update(bias, loads, rate):
+    """After an optimizer step: b_i <- b_i + u * sign(mean load - load_i), mean-centred.
+
+    bias [e], loads [e] (tokens routed to each expert since the last update), rate u >= 0
+    -> new bias [e]. Underloaded experts move up, overloaded ones down; subtracting the update's
+    mean (as torchtitan) keeps the mean of b where it was.
+    """
+    xp = _array_module(bias, loads)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not math.isfinite(rate) \
+            or rate < 0:
+        raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
+    delta = rate * xp.sign(loads.mean() - loads)             # u * sign(mean load - load_i)
+    return bias + (delta - delta.mean())                     # mean-centred
+
+
 # ----------------------------------------------------------------------------------------------
 # Sec. 3.3: expert choice with a cap on experts per token (EC-CAP).
 
-DEFAULT_ENTROPY_WEIGHT = 1e-2   # lambda; the paper's 1e-3 does not converge in 100 sweeps (README)
+DEFAULT_ENTROPY_WEIGHT = 1e-2   # lambda; the paper's 1e-3 does not converge in 100 sweeps (docs/capped.md)
 DEFAULT_MAX_ITER = 1000         # Dykstra sweeps at most
 DEFAULT_TOL = 1e-5              # stop when constraints hold and A and the corrections stop moving
 CONVERGENCE_CHECK_EVERY = 10    # the stopping test runs every 10th sweep (ecmoe's GPU-friendly period)
@@ -501,6 +582,10 @@ def _capped_report(entropy_weight, max_iter, trials=10, seed=0):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description="The paper in NumPy. Import it (`import reference_numpy as R`); "
+                            "run it to print the EC-CAP solver report (residuals, cap violations, "
+                            "gap to the exact LP) at the paper's and our settings, ~10 s.").parse_args()
     _capped_report(1e-3, 100)                                  # the paper's setting
     _capped_report(DEFAULT_ENTROPY_WEIGHT, 100)                # train_tiny.py's --cap-iters
     _capped_report(DEFAULT_ENTROPY_WEIGHT, DEFAULT_MAX_ITER)   # our defaults

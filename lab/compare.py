@@ -1,39 +1,15 @@
-"""compare.py: paired statistics, controls, tables and plots for train_tiny runs.
+"""The report of a train_tiny run set: verdict, tables and the figure, from its files alone.
 
-    python compare.py runs/tiny                 # verdict + tables of a (finished or partial) run
-    python compare.py runs/tiny --markdown      # the results.md text
-    python compare.py runs/tiny --plot out.png  # curves and paired differences
-    python compare.py runs/tiny --write         # recompute the analysis into results.json/md/png
+    python -m lab.compare runs/tiny                 # verdict + tables of a (finished or partial) run
+    python -m lab.compare runs/tiny --markdown      # the results.md text
+    python -m lab.compare runs/tiny --plot out.png  # the figure of paired differences
+    python -m lab.compare runs/tiny --write         # recompute the analysis into results.json/md/png
 
 A run directory holds one JSON per (router, seed) under runs/ (train_tiny writes them as each run
-finishes) and, once all are done, results.json. Everything here reads only those files.
-
-What is compared (challenger minus baseline, paired by seed: same initial weights, same batches):
-    matched pairs   EC-CF1 vs top-1; EC-CF2, EC-CAP2/3 vs top-2; EC-CF2 vs dropless top-2 and vs
-                    GShard's random-second-expert top-2; GShard top-2 vs top-2.
-    positive control  MoE (top-2, else EC-CF2) vs the FLOP-matched dense FFN: a difference the
-                    experiment must see. It passes when the MoE is better, its 95% CI excludes
-                    zero AND its mean is
-                    at least twice its own seed-to-seed standard deviation (the sd over seeds of
-                    the paired differences: the noise of a paired comparison, so the gap shows in
-                    nearly every seed, not only on average). Otherwise the headline says
-                    "INCONCLUSIVE: this setting cannot tell routers apart". (The unpaired sd of
-                    the dense runs' final loss is printed beside it; pairing removes the part of
-                    it that every router of a seed shares.)
-    null control    ROUTER_aa vs ROUTER: the same router and initial weights on another data order;
-                    it must come out null. Every statistic is also computed with roles swapped.
-
-Statistics, per pair:
-    final-loss difference   mean over seeds with a 95% t interval (n - 1 degrees of freedom).
-    steps-to-target         each validation curve is first made monotone (isotonic regression,
-                    pool-adjacent-violators: noise cannot make a curve look early by one lucky
-                    point), then read by linear interpolation. Target = the baseline's fitted loss
-                    at 50%, 75% and 100% of its steps; ratio = the step at which the challenger's
-                    fitted curve first reaches it, over the baseline's step. Per pair: geometric
-                    mean over seeds with a 95% t interval of log ratios. "Not reached" is kept as
-                    such (censored), never filled in. Reverse = roles swapped.
-    validation noise        standard error of one validation point (over its fixed batches) and of
-                    a paired difference (per-batch differences), printed beside the differences.
+finishes) and, once all are done, results.json. Everything here reads only those files. The
+verdict is the analysis plan's (docs/analysis_plan.md, lab/stats.py: controls, paired t, Holm
+over the family, MDE, steps to target); this file adds the per-router tables, the inference
+section and the figure.
 """
 from __future__ import annotations
 
@@ -45,175 +21,66 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRS = (("ec1", "top1"), ("ec2", "top2"), ("cap2", "top2"), ("cap3", "top2"),
-         ("ec2", "top2_dropless"), ("ec2", "top2_gshard"), ("top2_gshard", "top2"))
-POSITIVE = (("top2", "dense"), ("ec2", "dense"))      # the first one present is THE control
-TARGET_FRACTIONS = (0.5, 0.75, 1.0)
-CLAIM_RATIO = 0.5            # the paper: EC-CF2 needs < half of top-2's steps (Fig. 2a)
+from ecmoe import expert_capacity
+from lab import stats
+from lab.files import atomic_write, read_json, write_json, write_text
+from moe.routers import ROUTERS, base_router, capacity_factor
+from moe.threshold import ExpertThresholdMoE
+
 PAPER_FIG3 = dict(bins=["0", "1", "2", "3-4", ">4"], note="Fig. 3 (100M/64E, EC-CF2): most tokens "
                   "get 1-2 experts, 23% get 3-4, ~3% get >4")
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics on plain arrays (usable on any curves, not only train_tiny's).
-
-
-def t_interval(x, level=0.95):
-    """Mean and two-sided t confidence interval of the mean of x -> (mean, lo, hi, sd, n).
-    With one value the interval is (-inf, inf): one seed says nothing about noise."""
-    from scipy import stats
-    x = np.asarray(x, dtype=float)
-    n, mean = len(x), float(np.mean(x))
-    if n < 2:
-        return mean, -math.inf, math.inf, math.nan, n
-    sd = float(np.std(x, ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half, sd, n
-
-
-def t_stats(x, level=0.95):
-    """t_interval as a dict: mean, lo, hi, sd, n."""
-    return dict(zip(("mean", "lo", "hi", "sd", "n"), t_interval(x, level)))
-
-
-def isotonic_decreasing(y):
-    """Least-squares non-increasing fit of y (pool adjacent violators). [m] -> [m]."""
-    blocks = []                                   # [sum, count] of pooled neighbours
-    for v in np.asarray(y, dtype=float):
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
-            s, c = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += c
-    return np.concatenate([np.full(c, s / c) for s, c in blocks])
-
-
-def first_crossing(steps, fit, target):
-    """First step at which the non-increasing piecewise-linear curve (steps, fit) is <= target;
-    None if it never gets there. Before the first point the curve is unknown, so a curve already
-    below target there reports its first step."""
-    below = np.nonzero(fit <= target)[0]
-    if len(below) == 0:
-        return None
-    i = int(below[0])
-    if i == 0:
-        return float(steps[0])
-    x0, x1, y0, y1 = steps[i - 1], steps[i], fit[i - 1], fit[i]
-    return float(x0 + (y0 - target) / (y0 - y1) * (x1 - x0))
-
-
-def steps_ratio(steps_a, loss_a, steps_b, loss_b, fraction):
-    """How many steps curve a needs to reach curve b's (fitted) loss at fraction * b's last
-    step, over that step. < 1: a is faster. None: a never reaches it."""
-    steps_a, steps_b = np.asarray(steps_a, float), np.asarray(steps_b, float)
-    at = fraction * steps_b[-1]
-    target = float(np.interp(at, steps_b, isotonic_decreasing(loss_b)))
-    hit = first_crossing(steps_a, isotonic_decreasing(loss_a), target)
-    return None if hit is None else hit / at
-
-
-def ratio_summary(ratios):
-    """Per-seed step ratios (None = not reached) -> dict: geometric mean and 95% t interval of
-    the log ratios when every seed reached the target; else only the count that did."""
-    got = [r for r in ratios if r is not None]
-    out = dict(per_seed=list(ratios), reached=len(got), n=len(ratios))
-    if got and len(got) == len(ratios):
-        mean, lo, hi, _, _ = t_interval(np.log(got))
-        out.update(geo_mean=math.exp(mean), lo=math.exp(lo), hi=math.exp(hi))
-    return out
-
-
-def paired(a_runs, b_runs):
-    """Statistics of challenger runs a vs baseline runs b, paired by seed (dicts seed -> run,
-    each run with val_step, val_loss, final_val and optionally val_batch_loss)."""
-    seeds = sorted(set(a_runs) & set(b_runs))
-    a, b = [a_runs[s] for s in seeds], [b_runs[s] for s in seeds]
-    diffs = [x["final_val"] - y["final_val"] for x, y in zip(a, b)]
-    out = dict(seeds=seeds, final_diff=dict(per_seed=diffs, **t_stats(diffs)))
-    for name, (p, q) in (("forward", (a, b)), ("reverse", (b, a))):
-        out[name] = {str(f): ratio_summary([steps_ratio(x["val_step"], x["val_loss"],
-                                                        y["val_step"], y["val_loss"], f)
-                                            for x, y in zip(p, q)]) for f in TARGET_FRACTIONS}
-    if seeds and all(len(r.get("val_batch_loss", [[]])[-1]) > 1 for r in a + b):
-        # noise of one paired validation point: SE of the per-batch differences at the end
-        se = [np.std(np.subtract(x["val_batch_loss"][-1], y["val_batch_loss"][-1]), ddof=1)
-              / math.sqrt(len(x["val_batch_loss"][-1])) for x, y in zip(a, b)]
-        out["paired_point_se"] = float(np.mean(se))
-    if seeds and len({tuple(r["val_step"]) for r in a + b}) == 1:   # one grid for every run
-        D = np.subtract([x["val_loss"] for x in a], [y["val_loss"] for y in b])  # [seeds, evals]
-        band = [t_interval(D[:, j]) for j in range(D.shape[1])]
-        out["curve"] = dict(step=a[0]["val_step"], mean=[x[0] for x in band],
-                            lo=[x[1] for x in band], hi=[x[2] for x in band])
-    return out
-
-
-def excludes(stat, value):
-    return not stat["lo"] <= value <= stat["hi"]
-
-
-def positive_control_passes(fd):
-    """MoE - dense (a paired final_diff) passes when the MoE is better (mean < 0), the 95% CI
-    excludes 0, and |mean| is at least twice the sd over seeds of the paired differences."""
-    return bool(fd["mean"] < 0 and excludes(fd, 0.0) and fd["sd"] > 0
-                and abs(fd["mean"]) >= 2 * fd["sd"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Analysis of one run set (the dict train_tiny writes as results.json).
 
 
-def runs_by_router(res):
-    by = {}
-    for r in res["runs"]:
-        by.setdefault(r["router"], {})[r["seed"]] = r
-    return by
-
-
 def analyse(res):
-    """-> dict(noise, positive, null, pairs, routers, verdict): every statistic of the run set."""
-    by = runs_by_router(res)
-    out = dict(pairs={}, null={}, positive=None)
+    """-> dict(judgment, verdict, noise, routers, inference): every statistic of the run set."""
+    by = stats.runs_by_router(res)
     last = [np.asarray(r["val_batch_loss"][-1]) for r in res["runs"] if "val_batch_loss" in r]
-    out["noise"] = dict(
-        point_se=float(np.mean([x.std(ddof=1) / math.sqrt(len(x)) for x in last]))
-        if last and len(last[0]) > 1 else None,
-        seed_sd={rt: float(np.std([r["final_val"] for r in runs.values()], ddof=1))
-                 for rt, runs in by.items() if len(runs) > 1})
-    for a, b in POSITIVE:
-        if a in by and b in by:
-            p = paired(by[a], by[b])
-            p.update(challenger=a, baseline=b, seed_sd=out["noise"]["seed_sd"].get(b, math.nan),
-                     passed=positive_control_passes(p["final_diff"]))
-            out["positive"] = p
-            break
-    for rt in by:
-        if rt.endswith("_aa") and rt[:-3] in by:
-            p = paired(by[rt], by[rt[:-3]])
-            ratios = [p[d][str(f)] for d in ("forward", "reverse") for f in (0.5, 0.75)]
-            p.update(challenger=rt, baseline=rt[:-3],
-                     passed=bool(not excludes(p["final_diff"], 0.0)
-                                 and all("lo" not in r or not excludes(r, 1.0) for r in ratios)))
-            out["null"][rt] = p
-    for a, b in PAIRS:
-        if a in by and b in by:
-            out["pairs"][f"{a} vs {b}"] = dict(paired(by[a], by[b]), challenger=a, baseline=b)
-    out["routers"] = {rt: router_summary(runs) for rt, runs in by.items()}
-    out["inference"] = {rt: inference_summary(runs, res) for rt, runs in by.items()
-                        if all("inference" in r for r in runs.values())}
-    out["verdict"] = verdict(res, out)
-    return out
+    noise = dict(point_se=float(np.mean([x.std(ddof=1) / math.sqrt(len(x)) for x in last]))
+                 if last and len(last[0]) > 1 else None,
+                 seed_sd={rt: float(np.std([r["final_val"] for r in runs.values()], ddof=1))
+                          for rt, runs in by.items()
+                          if len(runs) > 1 and all(r["final_val"] is not None for r in runs.values())})
+    judgment = stats.judge(res)
+    return dict(judgment=judgment, verdict=verdict(res, judgment), noise=noise,
+                routers={rt: router_summary(runs) for rt, runs in by.items()},
+                inference={rt: inference_summary(runs, res) for rt, runs in by.items()
+                           if all("inference" in r for r in runs.values())})
+
+
+def verdict(res, j):
+    """Plain sentences, the headline first: could this run set see a difference, then what it saw."""
+    dry = res["config"].get("dry_run")
+    word = {True: "passed", False: "FAILED", None: "not judged (one seed)"}
+    pc = j["positive_control"]
+    lines = [f"Positive control {pc['pair']} = {stats.describe(pc)}: {word[pc['passed']]}."
+             if pc else "No positive control (dense and top2 or ec2) in this run set."]
+    lines += [f"Null control {s['pair']} = {stats.describe(s)}: {word[s['passed']]}."
+              for s in j["null_controls"]]
+    if dry:
+        lines.insert(0, "Dry run (a few steps of a tiny model): the numbers test the plumbing, no verdict.")
+    elif not j["interpretable"]:
+        lines.append(f"INCONCLUSIVE: {j['why']}; the pairs below cannot be read as router results.")
+    lines += [s["sentence"] for s in j["pairs"]]
+    if j["claim_2x"]:
+        lines.append(j["claim_2x"]["sentence"])
+    return lines + [f"Note: {n}" for n in j["notes"]] + [
+        f"Judged under analysis plan v{j['plan_version']} (docs/analysis_plan.md): Holm over "
+        f"{len(j['family'])} pair(s), alpha {j['alpha']}."]
 
 
 def inference_summary(runs, res):
     """The train/inference gap of one router over its seeds: validation loss at batch size 1,
-    routed as it would be deployed (expert choice: threshold routing; token choice and dense:
-    as in training), minus the trained model's validation loss at the training batch size.
+    routed as it would be deployed (expert choice: threshold routing; token choice, expert
+    threshold and dense: as in training), minus the trained model's validation loss at the
+    training batch size.
 
-    -> dict(gap=t_interval dict with min/max, deployed=, plus for expert choice the naive gap
+    -> dict(gap=stats.paired_t dict with min/max, deployed=, plus for expert choice the naive gap
     of group routing at batch size 1, the largest |threshold_B - threshold_1|, and per layer the
     loads of threshold routing relative to the training bucket k/n)."""
-    from ecmoe import expert_capacity
-    from train_tiny import ROUTER_SPEC, base_router   # imported here: train_tiny imports us
     runs = [runs[s] for s in sorted(runs)]
     inf = [r["inference"] for r in runs]
     if any(i["group_1"] is None for i in inf):      # capped EC: cannot run at batch size 1
@@ -221,10 +88,13 @@ def inference_summary(runs, res):
     ec = "threshold_1" in inf[0]
     deployed = [i["threshold_1" if ec else "group_1"] for i in inf]
     gaps = [d - r["final_val"] for d, r in zip(deployed, runs)]
-    out = dict(seeds=[r["seed"] for r in runs], routing="threshold" if ec else "group",
+    spec = ROUTERS.get(base_router(runs[0]["router"]))
+    et = spec is not None and spec.layer is ExpertThresholdMoE   # trained with its thresholds
+    out = dict(seeds=[r["seed"] for r in runs],
+               routing="threshold" if ec else "threshold, as trained" if et else "group",
                trained=float(np.mean([r["final_val"] for r in runs])),
                deployed=float(np.mean(deployed)),
-               gap=dict(t_stats(gaps), min=float(min(gaps)), max=float(max(gaps)),
+               gap=dict(stats.paired_t(gaps), min=float(min(gaps)), max=float(max(gaps)),
                         per_seed=gaps))
     if not ec:
         return out
@@ -232,7 +102,7 @@ def inference_summary(runs, res):
     out["naive_group_1_gap"] = dict(mean=float(np.mean(naive)), min=float(min(naive)),
                                     max=float(max(naive)))
     out["threshold_B_vs_1"] = float(max(abs(i["threshold_B"] - i["threshold_1"]) for i in inf))
-    _, c, _ = ROUTER_SPEC[base_router(runs[0]["router"])]
+    c = capacity_factor(runs[0]["router"], runs[0]["config"].get("capacity_factor"))
     groups = {stack: n for stack, _, n in res.get("routing_groups", [])}
     loads = {}
     for layer in inf[0]["threshold_loads"]:
@@ -254,7 +124,7 @@ def inference_summary(runs, res):
 
 def router_summary(runs):
     runs = list(runs.values())
-    finals = [r["final_val"] for r in runs]
+    finals = [r["final_val"] for r in runs if r["final_val"] is not None] or [math.nan]  # None: diverged
     stats = {}
     for n in runs[0]["moe_layers"]:      # mean over seeds of each layer's routing statistics
         keys = [k for k in runs[0]["stats"][n] if k != "experts_per_token"]
@@ -266,78 +136,6 @@ def router_summary(runs):
                 s_per_step=float(np.mean([r["s_per_step"] for r in runs])),
                 tokens_per_s=float(np.mean([r["tokens_per_s"] for r in runs])),
                 n_params=runs[0]["n_params"], seeds=sorted(r["seed"] for r in runs), stats=stats)
-
-
-def _ci(stat, fmt="{:+.4f}"):
-    if not math.isfinite(stat["lo"]):
-        return fmt.format(stat["mean"]) + " (1 seed: no interval)"
-    return f"{fmt.format(stat['mean'])} [{fmt.format(stat['lo'])}, {fmt.format(stat['hi'])}]"
-
-
-def _ratio(r):
-    if "geo_mean" in r:
-        return f"{r['geo_mean']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
-    shown = ", ".join("not reached" if x is None else f"{x:.2f}" for x in r["per_seed"])
-    return f"{r['reached']}/{r['n']} reached ({shown})"
-
-
-def _reach(a, b, r):
-    """'a reaches b's final loss at 0.88 [0.85, 0.91] of b's steps' or 'in 2 of 5 seeds'."""
-    if "geo_mean" in r:
-        return f"{a} reaches {b}'s final loss at {_ratio(r)} of {b}'s steps"
-    return f"{a} reaches {b}'s final loss in {r['reached']} of {r['n']} seeds"
-
-
-def verdict(res, a):
-    """Plain sentences, the headline first: can this run set see a difference, then what it saw."""
-    cfg, lines = res["config"], []
-    if cfg.get("dry_run"):
-        return ["Dry run (a few steps of a tiny model): the numbers test the plumbing, no verdict."]
-    pos = a["positive"]
-    if pos is None:
-        lines.append("INCONCLUSIVE: no positive control in this run set (needs dense and top2 or "
-                     "ec2): nothing says whether it could see a difference.")
-    elif not pos["passed"]:
-        lines.append(f"INCONCLUSIVE: this setting cannot tell routers apart. The positive control "
-                     f"{pos['challenger']} - dense = {_ci(pos['final_diff'])} is not clearly larger "
-                     f"than its seed-to-seed noise in the expected direction (sd of the paired "
-                     f"difference over seeds {pos['final_diff']['sd']:.4f}; needs MoE better, a "
-                     f"95% CI excluding 0 and |mean| >= 2 sd).")
-    else:
-        fd = pos["final_diff"]
-        lines.append(f"Positive control passed: {pos['challenger']} - dense = {_ci(fd)}, "
-                     f"{abs(fd['mean']) / fd['sd']:.1f}x its seed-to-seed sd ({fd['sd']:.4f}; "
-                     f"unpaired sd of dense over seeds {pos['seed_sd']:.4f}).")
-    for rt, p in a["null"].items():
-        lines.append(f"Null control {'passed' if p['passed'] else 'FAILED'}: {rt} - "
-                     f"{p['baseline']} = {_ci(p['final_diff'])}; step ratio at 75% of the steps "
-                     f"{_ratio(p['forward']['0.75'])}, reversed {_ratio(p['reverse']['0.75'])}.")
-    if not a["null"]:
-        lines.append("No null control (ROUTER_aa) in this run set.")
-    conclusive = pos is not None and pos["passed"] and all(p["passed"] for p in a["null"].values())
-    for name, p in a["pairs"].items():
-        fd, fwd = p["final_diff"], p["forward"]["1.0"]
-        if not conclusive:
-            tag = "not interpretable (controls above)"
-        elif excludes(fd, 0.0):
-            tag = f"{p['challenger']} {'better' if fd['mean'] < 0 else 'worse'}"
-        else:
-            tag = "no difference resolved"
-        line = (f"{name}: final loss difference {_ci(fd)} over {fd['n']} seeds: {tag}; "
-                f"{_reach(p['challenger'], p['baseline'], fwd)}; reversed: "
-                f"{_reach(p['baseline'], p['challenger'], p['reverse']['1.0'])}.")
-        if p["challenger"] in ("ec2", "cap2", "cap3") and p["baseline"].startswith("top2"):
-            # a seed that never reaches the target has a ratio > 1: the claim fails there
-            if "geo_mean" in fwd:
-                claim = "holds" if fwd["hi"] < CLAIM_RATIO else "does not hold" \
-                    if fwd["lo"] >= CLAIM_RATIO else "unresolved"
-            else:
-                claim = "does not hold" if fwd["reached"] < fwd["n"] else "unresolved"
-            line += f" The paper's 2x claim (< {CLAIM_RATIO} of the steps): {claim} here."
-        lines.append(line)
-    if len(res["seeds"]) < 3:
-        lines.append(f"Only {len(res['seeds'])} seed(s): treat every difference as anecdotal.")
-    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,27 +164,17 @@ def markdown(res):
     out = _header(res) + ["", "## Verdict", ""] + [f"- {line}" for line in a["verdict"]]
     noise = a["noise"]
     out += ["", "## Paired differences (challenger - baseline; negative = challenger better)", "",
-            "Final validation loss difference: mean over seeds [95% t interval]. Steps to target: "
-            "steps the challenger needs to reach the baseline's loss at 50% / 75% / 100% of the "
-            "baseline's steps, over those steps (geometric mean [95% interval]; < 1 = faster); "
-            "reverse = roles swapped.", "",
-            "| pair | role | seeds | final loss diff [95% CI] | to 50% | to 75% | to 100% | "
-            "reverse 100% | paired point SE |", "|---|---|---|---|---|---|---|---|---|"]
-    rows = ([("positive control", a["positive"])] if a["positive"] else []) + \
-        [("null control", p) for p in a["null"].values()] + \
-        [("comparison", p) for p in a["pairs"].values()]
-    for role, p in rows:
-        se = p.get("paired_point_se")
-        out.append(f"| {p['challenger']} vs {p['baseline']} | {role} | {len(p['seeds'])} | "
-                   f"{_ci(p['final_diff'])} | "
-                   + " | ".join(_ratio(p["forward"][str(f)]) for f in TARGET_FRACTIONS)
-                   + f" | {_ratio(p['reverse']['1.0'])} | "
-                   + (f"{se:.4f}" if se is not None else "-") + " |")
+            "Final validation loss difference over seeds [95% t interval], paired-t p and Holm p "
+            "over the family, MDE = the smallest true difference found with 80% power. Steps to "
+            "target: steps the challenger needs to reach the baseline's fitted loss at 50% / 75% / "
+            "100% of the baseline's steps, over those steps (< 1 = faster; read both ways round, "
+            "only where the curves still fall; docs/analysis_plan.md).", ""]
+    table = stats.markdown(a["judgment"]).rstrip("\n").split("\n")
+    out += table[next(i for i, line in enumerate(table) if line.startswith("| pair")):]
     if noise["point_se"] is not None:
         out += ["", f"Validation noise: one validation point (mean over "
                 f"{res['config']['val_batches']} fixed batches) has a standard error of "
-                f"{noise['point_se']:.4f}; a paired difference of two runs at the same point has "
-                "the SE in the last column. Seed-to-seed sd of the final loss: "
+                f"{noise['point_se']:.4f}. Seed-to-seed sd of the final loss: "
                 + ", ".join(f"{rt} {v:.4f}" for rt, v in noise["seed_sd"].items()) + "."]
     out += ["", "## Per router", "",
             "| router | final val loss mean (min-max) | s/step | target tokens/s | params | "
@@ -429,7 +217,8 @@ def inference_markdown(res):
     out = ["", "## Inference at batch size 1: the train/inference gap", "",
            "Validation loss of the same fixed sequences fed ONE at a time, routed as the model "
            "would be deployed (expert choice: threshold routing with the thresholds learned in "
-           "training; token choice and dense: as in training), minus the validation loss at the "
+           "training; token choice, expert threshold (et*) and dense: as in training, so their "
+           "gap measures only the batch size), minus the validation loss at the "
            "training batch size (group routing). Mean over seeds [95% t interval] (min to max). "
            "Naive = expert choice left in group routing at batch size 1 (every expert takes "
            "every token).", "",
@@ -443,7 +232,7 @@ def inference_markdown(res):
         g = x["gap"]
         naive = x.get("naive_group_1_gap")
         out.append(f"| {rt} | {x['routing']} | {len(x['seeds'])} | {x['trained']:.4f} | "
-                   f"{x['deployed']:.4f} | {_ci(g)} ({g['min']:+.4f} to {g['max']:+.4f}) | "
+                   f"{x['deployed']:.4f} | {stats.describe(g)} ({g['min']:+.4f} to {g['max']:+.4f}) | "
                    + (f"{naive['mean']:+.3f} ({naive['min']:+.3f} to {naive['max']:+.3f})"
                       if naive else "-") + " | "
                    + (f"{x['threshold_B_vs_1']:.1e}" if "threshold_B_vs_1" in x else "-") + " |")
@@ -490,58 +279,76 @@ def console_summary(res):
     return "\n".join(lines + [""] + [f"* {v}" for v in a["verdict"]])
 
 
+def plot_label(role, s):
+    """'positive control: passed (5 seeds)' / 'not resolved, Holm p 0.25 (5 seeds)'."""
+    if role:
+        return f"{role}: " + {True: "passed", False: "FAILED", None: "one seed"}[s["passed"]] + f" ({s['n']} seeds)"
+    holm = "" if s.get("p_holm") is None else f", Holm p {s['p_holm']:.2g}"
+    return ("resolved" if s["resolved"] else "not resolved") + holm + f" ({s['n']} seeds)"
+
+
 def plot(path, res):
-    """Left: mean validation curves (min-max over seeds). Right: paired differences
-    challenger - baseline over steps with 95% t bands and the zero line, controls included."""
+    """What the verdict says, at a glance. Left: each pair's final-loss difference, challenger -
+    baseline paired by seed, with its 95% interval (filled: resolved after Holm; the grey bar is
+    +-MDE, what could still hide). Right: the same differences over training, one small panel per
+    pair, with the 95% t band and the zero line. Controls first, in the same style."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    a, by = res["analysis"], runs_by_router(res)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for rt, runs in by.items():
-        runs = list(runs.values())
-        if len({tuple(r["val_step"]) for r in runs}) > 1:      # runs on other grids: skip
-            continue
-        x, Y = runs[0]["val_step"], np.array([r["val_loss"] for r in runs])   # [seeds, evals]
-        ax.plot(x, Y.mean(0), label=f"{rt} ({len(runs)} seeds)")
-        ax.fill_between(x, Y.min(0), Y.max(0), alpha=0.15)
-    lo = min(min(r["val_loss"]) for r in res["runs"])
-    ax.set_ylim(lo - 0.05, lo + 0.8)
-    ax.set(xlabel="training step", ylabel="validation loss (nats / target token)",
-           title="validation loss: mean, min-max over seeds")
-    rows = ([("positive control", a["positive"], "--")] if a["positive"] else []) + \
-        [("null control", p, ":") for p in a["null"].values()] + \
-        [("", p, "-") for p in a["pairs"].values()]
-    for role, p, style in rows:
-        if "curve" not in p:
-            continue
-        c = p["curve"]
-        label = f"{p['challenger']} - {p['baseline']}" + (f" ({role})" if role else "")
-        line, = bx.plot(c["step"], c["mean"], style, label=label)
-        lo_, hi_ = np.nan_to_num(c["lo"], neginf=np.nan), np.nan_to_num(c["hi"], posinf=np.nan)
-        bx.fill_between(c["step"], lo_, hi_, alpha=0.15, color=line.get_color())
-    bx.axhline(0, color="black", lw=0.8)
-    bx.set(xlabel="training step", ylabel="paired difference in val loss (< 0: challenger better)",
-           title="challenger - baseline, paired by seed (95% t band)")
-    for x in (ax, bx):
-        x.grid(alpha=0.3)
-        x.legend(fontsize=7)
-    import textwrap
-    fig.suptitle(textwrap.fill(f"{res['config']['arch']}: " + a["verdict"][0], 150), fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png"))
+    j, by = res["analysis"]["judgment"], stats.runs_by_router(res)
+    rows = ([("positive control", j["positive_control"])] if j["positive_control"] else []) + \
+        [("null control", s) for s in j["null_controls"]] + [("", s) for s in j["pairs"]]
+    if not rows:
+        return
+    fig = plt.figure(figsize=(12, 1.0 + 1.1 * len(rows)))
+    grid = fig.add_gridspec(len(rows), 2, width_ratios=(1.1, 1), hspace=0.35, wspace=0.25)
+    ax = fig.add_subplot(grid[:, 0])
+    for i, (role, s) in enumerate(rows):
+        y = len(rows) - 1 - i
+        color = "tab:gray" if role else ("tab:blue" if s["mean"] < 0 else "tab:red")
+        if s.get("mde"):
+            ax.plot([-s["mde"], s["mde"]], [y, y], color="0.85", lw=9, solid_capstyle="butt")
+        if s["lo"] is not None:
+            ax.plot([s["lo"], s["hi"]], [y, y], color=color, lw=2)
+        excludes_0 = s["lo"] is not None and not s["lo"] <= 0 <= s["hi"]
+        ax.plot(s["mean"], y, "o", ms=8, color=color,
+                mfc=color if (s["resolved"] if "resolved" in s else excludes_0) else "white")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{s['pair']}\n{plot_label(role, s)}" for role, s in reversed(rows)],
+                  fontsize=8)
+    ax.set(xlabel="final validation loss, challenger - baseline (nats; < 0: challenger better)",
+           title="mean, 95% CI (filled: excludes 0, after Holm for the\nfamily); grey: +-MDE, "
+                 "what could still hide at 80% power")
+    ax.grid(axis="x", alpha=0.3)
+    share = None
+    for i, (role, s) in enumerate(rows):
+        bx = fig.add_subplot(grid[i, 1], sharex=share, sharey=share)
+        share = share or bx
+        A, B = by[s["challenger"]], by[s["baseline"]]
+        if len({tuple(A[x]["val_step"]) for x in s["seeds"]} | {tuple(B[x]["val_step"]) for x in s["seeds"]}) == 1:
+            steps = A[s["seeds"][0]]["val_step"]
+            D = np.subtract([A[x]["val_loss"] for x in s["seeds"]], [B[x]["val_loss"] for x in s["seeds"]])
+            band = [stats.paired_t(D[:, t]) for t in range(D.shape[1])]  # [evals]
+            bx.plot(steps, D.mean(0), color="tab:gray" if role else "tab:purple", lw=1.2)
+            if band[0]["lo"] is not None:
+                bx.fill_between(steps, [b["lo"] for b in band], [b["hi"] for b in band], alpha=0.25,
+                                color="tab:gray" if role else "tab:purple")
+        bx.axhline(0, color="black", lw=0.8)
+        bx.text(0.01, 0.95, s["pair"], transform=bx.transAxes, fontsize=7, va="top")
+        bx.tick_params(labelsize=7)
+        bx.grid(alpha=0.3)
+        if i == 0:
+            bx.set_title("the same difference over training (95% t band)", fontsize=9)
+        if i < len(rows) - 1:
+            bx.tick_params(labelbottom=False)
+    bx.set_xlabel("training step", fontsize=8)
+    lo = min(min(np.nan_to_num(r["val_loss"], nan=9)) for r in res["runs"])
+    share.set_ylim(-0.08, 0.08) if lo < 5 else None
+    cfg = res["config"]
+    fig.suptitle(f"{cfg['arch']}, {cfg['steps']} steps, seeds {cfg['seeds']}: challenger - baseline, "
+                 f"analysis plan v{j['plan_version']}", fontsize=10)
+    atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and writing run directories.
-
-
-def atomic_write(path, write):
-    """train_tiny's atomic write (write a temporary file, then rename), so a reader never sees
-    a half-written report. Imported when called: train_tiny imports this module."""
-    from train_tiny import _atomic_write
-    _atomic_write(path, write)
 
 
 def load(run_dir):
@@ -550,9 +357,9 @@ def load(run_dir):
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
     if path.exists():
-        res = json.loads(path.read_text())
+        res = read_json(path, "results file")
     else:
-        runs = [json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("*.json"))]
+        runs = [read_json(p) for p in sorted((run_dir / "runs").glob("*.json"))]
         if not runs:
             raise FileNotFoundError(f"{run_dir}: no results.json and no runs/*.json")
         seeds = sorted({r["seed"] for r in runs})
@@ -568,14 +375,70 @@ def load(run_dir):
     return res
 
 
+def merge(run_dirs):
+    """Several run directories of ONE experiment (the same config but the seeds, e.g. more seeds
+    added later) -> one results dict (analysis recomputed). ValueError if the configs differ or a
+    (router, seed) appears twice. Each part's command, hardware and wall time are kept."""
+    parts = [load(d) for d in run_dirs]
+    keys = [k for k in parts[0]["config"] if k not in ("seeds", "out", "workers", "resume")]
+    for d, p in zip(run_dirs[1:], parts[1:]):
+        diff = [k for k in keys if p["config"].get(k) != parts[0]["config"][k]]
+        if diff:
+            raise ValueError(f"{d}: config differs from {run_dirs[0]} in {diff}")
+    runs = [dict(r, part=i) for i, p in enumerate(parts) for r in p["runs"]]
+    seen = [(r["router"], r["seed"]) for r in runs]
+    if len(set(seen)) < len(seen):
+        raise ValueError(f"a (router, seed) appears in two parts: {sorted({x for x in seen if seen.count(x) > 1})}")
+    seeds = sorted({r["seed"] for r in runs})
+    res = dict(parts[0], runs=runs, seeds=seeds, config=dict(parts[0]["config"], seeds=",".join(map(str, seeds))),
+               routers=sorted({r["router"] for r in runs}),
+               command=" + ".join(f"[part {i}: `{p['command']}`, seeds {p['config']['seeds']}]"
+                                  for i, p in enumerate(parts)),
+               hardware=dict(summary="; ".join(f"part {i}: {p['hardware']['summary']}"
+                                                for i, p in enumerate(parts))),
+               wall_time_s=sum(p["wall_time_s"] for p in parts),
+               train_time_sum_s=sum(p["train_time_sum_s"] for p in parts),
+               parts=[dict(dir=str(d), command=p["command"], seeds=p["config"]["seeds"],
+                           hardware=p["hardware"], versions=p.get("versions"),
+                           wall_time_s=p["wall_time_s"]) for d, p in zip(run_dirs, parts)])
+    res["analysis"] = analyse(res)
+    return res
+
+
+def write(out, res):
+    """results.json (the analysis before this one kept under earlier_analyses), results.md and
+    the figure differences.png, atomically."""
+    out = Path(out)
+    if (out / "results.json").exists():
+        before = read_json(out / "results.json", "results file").get("analysis")
+        if before and before.get("judgment", {}).get("plan_version") != stats.PLAN_VERSION:
+            res["earlier_analyses"] = res.get("earlier_analyses", []) + [
+                dict(plan_version=before.get("judgment", {}).get("plan_version", "0 (compare.py before plan v1)"),
+                     verdict=before.get("verdict"))]
+    write_json(out / "results.json", res)
+    write_text(out / "results.md", markdown(res))
+    plot(out / "differences.png", res)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="+", help="train_tiny --out directories")
     p.add_argument("--markdown", action="store_true", help="print results.md text")
-    p.add_argument("--plot", default="", help="write the curves/differences figure here")
-    p.add_argument("--write", action="store_true", help="recompute the analysis with this "
-                   "compare.py and rewrite the directory's results.json, results.md, val_loss.png")
+    p.add_argument("--plot", default="", help="write the figure of paired differences here")
+    p.add_argument("--write", action="store_true", help="recompute the analysis under the current "
+                   "plan and rewrite each directory's results.json, results.md, differences.png "
+                   "(the earlier analysis's verdict is kept in results.json)")
+    p.add_argument("--merge", default="", metavar="OUT", help="merge the run directories (one "
+                   "experiment, more seeds) into OUT: results.json, results.md, differences.png")
     args = p.parse_args(argv)
+    if args.merge:
+        try:
+            res = merge(args.run_dir)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--merge: {e}")
+        write(args.merge, res)
+        print(console_summary(res) + f"\nwrote {args.merge}/results.json, results.md, differences.png")
+        return 0
     for d in args.run_dir:
         try:
             res = load(d)
@@ -588,12 +451,10 @@ def main(argv=None):
         if args.write:
             if not (Path(d) / "results.json").exists():
                 p.error(f"--write: {d} has no results.json (the run has not finished)")
-            res["analysis_by"] = "python compare.py --write (analysis recomputed after the run)"
-            for name, text in (("results.json", json.dumps(res, indent=1)),
-                               ("results.md", markdown(res))):
-                atomic_write(Path(d) / name, lambda t, text=text: Path(t).write_text(text))
-            plot(Path(d) / "val_loss.png", res)
-            print(f"rewrote {d}/results.json, results.md, val_loss.png")
+            res["analysis_by"] = (f"python -m lab.compare --write (re-judged under analysis plan "
+                                  f"v{stats.PLAN_VERSION} after the run)")
+            write(d, res)
+            print(f"rewrote {d}/results.json, results.md, differences.png")
     return 0
 
 

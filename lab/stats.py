@@ -294,10 +294,15 @@ def judge(results):
     def pair(a, b):
         seeds = sorted(set(by[a]) & set(by[b]))
         left_out = sorted(set(by[a]) ^ set(by[b]))
+        diverged = [x for x in seeds if not all(isinstance(by[r][x]["final_val"], (int, float)) and
+                                                math.isfinite(by[r][x]["final_val"]) for r in (a, b))]
+        seeds = [x for x in seeds if x not in diverged]
         if not seeds:
-            raise ValueError(f"{a} and {b} share no seed")
+            raise ValueError(f"{a} and {b} share no seed with a finite final loss")
         if left_out:
             notes.append(f"{a} - {b}: seeds {left_out} have only one of the two routers: left out")
+        if diverged:
+            notes.append(f"{a} - {b}: seeds {diverged} diverged (no finite final loss): left out")
         A, B = {s: by[a][s] for s in seeds}, {s: by[b][s] for s in seeds}
         _, d = final_diffs(A, B)
         s = dict(pair=f"{a} - {b}", challenger=a, baseline=b, seeds=seeds, **paired_t(d))

@@ -1,16 +1,22 @@
-"""bench.py: command-line behaviour (clear errors, --quick vs explicit flags) and the JSON it writes.
+"""lab/bench.py: command-line behaviour (clear errors, --quick vs explicit flags), the layers it times
+(built from the router table, moe/routers.py) and the JSON it writes.
 
 Timings are never asserted (they depend on the machine); only that every requested method was
 timed and the report says how (device, dtype, timer, compile). Sizes are tiny: these run in seconds.
 """
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import bench
+from lab import bench
+from moe.routers import ROUTERS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["--tokens", "64", "--experts", "4", "--capacity-factors", "2", "--d-model", "16",
         "--d-expert", "32", "--repeats", "2", "--onehot-repeats", "1"]
@@ -58,12 +64,65 @@ def test_bad_flag_is_a_usage_error_naming_the_flag(argv, fragments, capsys):
 
 
 def test_bad_flag_from_the_command_line_prints_no_traceback():
-    """`python bench.py --experts 0` exits 2 with a one-line usage error, not a traceback."""
-    proc = subprocess.run([sys.executable, "bench.py", "--experts", "0"], capture_output=True,
-                          text=True, timeout=120)
+    """`python -m lab.bench --experts 0` exits 2 with a one-line usage error, not a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "lab.bench", "--experts", "0"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "argument --experts" in proc.stderr and ">= 2" in proc.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--expert-parallel"]])
+def test_help_answers_as_a_module(extra):
+    """`python -m lab.bench --help` (and in --expert-parallel mode) prints usage and exits 0."""
+    proc = subprocess.run([sys.executable, "-m", "lab.bench", *extra, "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: python -m lab.bench")
+
+
+# ----------------------------------------------------------------------------- the router table
+def test_methods_time_the_router_tables_layers(monkeypatch):
+    """ec/top1/top2 are layers of the router table (make_layer), at the case's c and group 'batch':
+    the same class and options as moe/routers.py gives the name, nothing kept by hand here."""
+    built = []
+    original = bench.make_layer
+
+    def spy(name, *args, **kwargs):
+        layer = original(name, *args, **kwargs)
+        built.append((name, layer, kwargs))
+        return layer
+    monkeypatch.setattr(bench, "make_layer", spy)
+    cfg = bench.BenchConfig(tokens=[16], experts=[4], capacity_factors=[1.0], d_model=8, d_expert=8,
+                            repeats=1, onehot_repeats=1, device="cpu", methods=["ec", "top1", "top2"])
+    row = bench.bench_case(cfg, 16, 4, 1.0, [])
+    assert {name for name, _, _ in built} == set(bench.ROUTER_OF.values()) <= set(ROUTERS)
+    for name, layer, kwargs in built:
+        spec = ROUTERS[name]
+        assert type(layer) is spec.layer and layer.capacity_factor == 1.0 and layer.group == "batch"
+        assert all(getattr(layer, k) == v for k, v in spec.options.items())
+    assert row["k"] == 4 and all(row[f"{m}_ms"] > 0 for m in bench.ROUTER_OF)
+    # --expert-parallel's --router offers exactly the table's MoE routers
+    assert set(bench.EP_FLAGS["router"][0]) == {r for r, s in ROUTERS.items() if s.layer is not None}
+    assert bench.EPConfig().router in ROUTERS
+
+
+def test_committed_bench_results_still_read():
+    """assets/bench_cpu.json and assets/bench_ep_cpu.json (recorded by the earlier bench.py) keep the
+    fields the report and docs read (per-case medians and ratios, per-W bytes and times), and
+    check_targets gives the committed target verdicts from the committed rows."""
+    cpu = json.loads((ROOT / "assets" / "bench_cpu.json").read_text())
+    assert {"hardware", "config", "rows", "dtype", "targets"} <= set(cpu)
+    # today's check_targets reads the committed rows to the committed verdicts
+    assert [dict(target=t, met=ok) for t, ok in bench.check_targets(cpu["rows"])] == cpu["targets"]
+    for row in cpu["rows"]:
+        assert {"n", "e", "c", "k", "dense_ms"} <= set(row)
+        for m in ("ec", "top1", "top2"):
+            if f"{m}_ms" in row:
+                assert row[f"{m}_vs_dense"] == pytest.approx(row[f"{m}_ms"] / row["dense_ms"])
+    ep = json.loads((ROOT / "assets" / "bench_ep_cpu.json").read_text())
+    for row in ep["rows"]:
+        assert {"W", "bytes_per_exchange", "layer_ms", "in_layer_a2a_ms", "alone_a2a_ms"} <= set(row)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error on a machine without CUDA")

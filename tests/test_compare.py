@@ -1,12 +1,13 @@
-"""Properties of compare.py's statistics, on synthetic curves whose answer is known: identical
-curves plus noise come out null both ways round, a curve shifted by a known number of steps gives
-that shift back, swapping roles gives the reciprocal, and the controls pass or fail as they must."""
-import math
+"""Properties of the report (lab/compare.py) on synthetic run sets whose answer is known: the
+verdict follows the analysis plan's controls, a one-seed set prints no nonsense, the markdown and
+the figure name every pair, and a damaged run directory gives an error naming the file. The
+statistics themselves are tested in test_stats.py."""
+import json
 
 import numpy as np
 import pytest
 
-import compare
+from lab import compare
 
 STEPS = np.arange(20, 1001, 20)                  # validation every 20 steps, 1000 steps
 
@@ -27,129 +28,104 @@ def run(router, seed, losses, batch_noise=0.0, rng=None):
 
 
 def result_set(runs, seeds):
-    return dict(config=dict(dry_run=False, arch="lm", val_batches=8, eval_every=20, seeds="",
-                            dec_layers=4, d_model=64, d_ff=128, experts=16),
-                runs=runs, seeds=seeds)
+    res = dict(config=dict(dry_run=False, arch="lm", val_batches=8, eval_every=20,
+                           seeds=",".join(map(str, seeds)), steps=1000, dec_layers=4, d_model=64,
+                           d_ff=128, experts=16),
+               runs=runs, seeds=seeds, command="synthetic", hardware=dict(summary="none"),
+               wall_time_s=0.0, train_time_sum_s=0.0,
+               corpus=dict(source="synthetic", total_bytes=0, sha256="0" * 64))
+    res["analysis"] = compare.analyse(res)
+    return res
 
 
-def test_isotonic_fit_pools_violators_and_keeps_monotone_curves():
-    """PAV on a hand case: [3, 1, 2, 0] -> [3, 1.5, 1.5, 0]; a decreasing curve is unchanged."""
-    assert np.allclose(compare.isotonic_decreasing([3, 1, 2, 0]), [3, 1.5, 1.5, 0])
-    y = curve(STEPS)
-    assert np.array_equal(compare.isotonic_decreasing(y), y)
-
-
-def test_identical_curves_plus_noise_are_null_both_ways():
-    """30 seeds of the same curve with independent noise: the final-loss CI covers 0 and every
-    steps-to-target CI (50% / 75%) covers 1, forward and reverse."""
-    rng = np.random.default_rng(0)
-    a = {s: run("a", s, curve(STEPS) + 0.01 * rng.standard_normal(len(STEPS))) for s in range(30)}
-    b = {s: run("b", s, curve(STEPS) + 0.01 * rng.standard_normal(len(STEPS))) for s in range(30)}
-    p = compare.paired(a, b)
-    assert p["final_diff"]["lo"] < 0 < p["final_diff"]["hi"]
-    for direction in ("forward", "reverse"):
-        for f in ("0.5", "0.75"):
-            r = p[direction][f]
-            assert r["reached"] == 30 and r["lo"] < 1 < r["hi"], (direction, f, r)
-
-
-def test_the_old_statistic_was_biased_and_ours_is_not():
-    """First raw point below the other's single final point: on identical noisy curves both
-    directions come out 'early' (< 1). Ours, at 75%, is centred on 1 in both directions."""
-    rng = np.random.default_rng(1)
-    old, new = [], []
-    for _ in range(20):
-        x = curve(STEPS) + 0.01 * rng.standard_normal(len(STEPS))
-        y = curve(STEPS) + 0.01 * rng.standard_normal(len(STEPS))
-        for p, q in ((x, y), (y, x)):
-            hit = np.nonzero(p <= q[-1])[0]
-            old.append(STEPS[hit[0]] / STEPS[-1] if len(hit) else 1.0)
-            new.append(compare.steps_ratio(STEPS, p, STEPS, q, 0.75))
-    assert np.mean(old) < 0.95                       # both directions "win": an artifact
-    assert abs(np.mean(np.log(new))) < 0.02          # centred on ratio 1
-
-
-@pytest.mark.parametrize("shift", [50, 100, 200])
-def test_a_known_shift_in_steps_is_recovered(shift):
-    """Challenger a(t) = L(t + shift): it reaches the baseline's loss at step q*T after
-    q*T - shift steps, so the ratio is (q*T - shift) / (q*T) at every target."""
-    a = {0: run("a", 0, curve(STEPS + shift))}
-    b = {0: run("b", 0, curve(STEPS))}
-    p = compare.paired(a, b)
-    for f in compare.TARGET_FRACTIONS:
-        qT = f * STEPS[-1]
-        got = p["forward"][str(f)]["per_seed"][0]
-        assert got == pytest.approx((qT - shift) / qT, abs=0.01)
-    assert p["reverse"]["1.0"]["per_seed"] == [None]     # the slower curve never gets there
-
-
-def test_swapped_roles_give_the_reciprocal():
-    """a(t) = L(2t) is twice as fast: forward ratio 0.5, reverse ratio 2.0 at the 50% target."""
-    a = {0: run("a", 0, curve(2 * STEPS))}
-    b = {0: run("b", 0, curve(STEPS))}
-    p = compare.paired(a, b)
-    fwd, rev = p["forward"]["0.5"]["per_seed"][0], p["reverse"]["0.5"]["per_seed"][0]
-    assert fwd == pytest.approx(0.5, abs=0.02) and rev == pytest.approx(2.0, abs=0.04)
-    assert fwd * rev == pytest.approx(1.0, abs=0.02)
-
-
-def test_t_interval_matches_a_hand_computation():
-    """[1, 2, 3]: mean 2, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841."""
-    mean, lo, hi, sd, n = compare.t_interval([1.0, 2.0, 3.0])
-    assert (mean, sd, n) == (2.0, 1.0, 3)
-    assert hi - mean == pytest.approx(2.4841, abs=1e-4) and mean - lo == pytest.approx(2.4841, abs=1e-4)
-    assert compare.t_interval([1.0])[1] == -math.inf
-
-
-def _controls(moe_gain, aa_noise=0.003, seeds=5):
+def controls(moe_gain, aa_shift=0.0, seeds=5):
     rng = np.random.default_rng(2)
     runs = []
     for s in range(seeds):
         base = curve(STEPS) + 0.01 * rng.standard_normal()           # seed effect, shared
-        runs += [run("dense", s, base + 0.002 * rng.standard_normal(len(STEPS)), 0.05, rng),
-                 run("top2", s, base - moe_gain + 0.002 * rng.standard_normal(len(STEPS)), 0.05, rng),
-                 run("top2_aa", s, base - moe_gain + aa_noise * rng.standard_normal(len(STEPS)),
-                     0.05, rng),
-                 run("ec2", s, base - moe_gain + 0.002 * rng.standard_normal(len(STEPS)), 0.05, rng)]
-    return compare.analyse(result_set(runs, list(range(seeds))))
+        runs += [run(rt, s, base - gain + 0.002 * rng.standard_normal(len(STEPS)), 0.05, rng)
+                 for rt, gain in (("dense", 0.0), ("top2", moe_gain),
+                                  ("top2_aa", moe_gain - aa_shift), ("ec2", moe_gain))]
+    return result_set(runs, list(range(seeds)))
 
 
-def test_positive_control_passes_only_when_moe_beats_dense_clearly():
-    """MoE 0.1 below dense: passed, and the verdict's headline says so. No gain, or MoE clearly
-    worse than dense: the headline is INCONCLUSIVE and no comparison is interpreted."""
-    good = _controls(moe_gain=0.1)
-    assert good["positive"]["passed"] and good["verdict"][0].startswith("Positive control passed")
-    bad = _controls(moe_gain=0.0)
-    assert not bad["positive"]["passed"]
-    assert not _controls(moe_gain=-0.1)["positive"]["passed"]    # a clear gap the wrong way
-    assert bad["verdict"][0].startswith("INCONCLUSIVE")
-    assert any("not interpretable" in v for v in bad["verdict"])
+def test_verdict_follows_the_positive_control():
+    """MoE 0.1 below dense: the control passes and the pairs are read. No gain, or MoE clearly
+    worse than dense: the verdict says INCONCLUSIVE and no pair is interpreted."""
+    good = controls(moe_gain=0.1)["analysis"]
+    assert good["judgment"]["positive_control"]["passed"] and good["judgment"]["interpretable"]
+    assert good["verdict"][0].startswith("Positive control top2 - dense") and "passed" in good["verdict"][0]
+    for gain in (0.0, -0.1):
+        bad = controls(moe_gain=gain)["analysis"]
+        assert not bad["judgment"]["interpretable"]
+        assert any(v.startswith("INCONCLUSIVE") for v in bad["verdict"])
+        assert any("not interpretable" in v for v in bad["verdict"])
 
 
-def test_null_control_is_null_for_an_aa_pair_and_fails_for_a_real_gap():
-    """top2_aa (same curve, other noise) passes the null control; an A/A pair that is in fact
-    0.05 worse fails it."""
-    assert all(p["passed"] for p in _controls(moe_gain=0.1)["null"].values())
-    rng = np.random.default_rng(3)
-    runs = []
-    for s in range(5):
-        runs += [run("top2", s, curve(STEPS) + 0.002 * rng.standard_normal(len(STEPS))),
-                 run("top2_aa", s, curve(STEPS) + 0.05 + 0.002 * rng.standard_normal(len(STEPS)))]
-    a = compare.analyse(result_set(runs, list(range(5))))
-    assert not a["null"]["top2_aa"]["passed"]
+def test_verdict_follows_the_null_control():
+    """An A/A pair that is in fact 0.05 worse fails the null control, and the pairs are then
+    not interpretable."""
+    a = controls(moe_gain=0.1, aa_shift=0.05)["analysis"]
+    assert a["judgment"]["null_controls"][0]["passed"] is False
+    assert any("FAILED" in v for v in a["verdict"]) and not a["judgment"]["interpretable"]
 
 
-def test_markdown_and_plot_of_a_synthetic_set(tmp_path):
+def test_one_seed_prints_no_infinite_interval_and_stays_strict_json():
+    """One seed: no interval anywhere, said in words; no 'inf' or 'nan' in the text; the analysis
+    is strict JSON."""
+    res = controls(moe_gain=0.1, seeds=1)
+    text = compare.markdown(res) + compare.console_summary(res)
+    assert "one seed" in text and "inf" not in text.lower().replace("info", "") and "nan" not in text.lower()
+    json.dumps(res["analysis"], allow_nan=False)
+
+
+def test_markdown_and_plot_name_every_pair(tmp_path):
     """The report names both controls and every pair; the figure is written."""
-    rng = np.random.default_rng(4)
-    runs = [run(rt, s, curve(STEPS) + 0.01 * rng.standard_normal(len(STEPS)), 0.05, rng)
-            for s in range(3) for rt in ("top2", "ec2", "dense", "top2_aa")]
-    res = result_set(runs, [0, 1, 2])
-    res.update(command="synthetic", hardware=dict(summary="none"), wall_time_s=0.0,
-               train_time_sum_s=0.0, corpus=dict(source="synthetic", total_bytes=0, sha256="0" * 64))
-    res["config"].update(seeds="0,1,2", steps=1000)
-    res["analysis"] = compare.analyse(res)
+    res = controls(moe_gain=0.1, seeds=3)
     md = compare.markdown(res)
-    assert "positive control" in md and "null control" in md and "ec2 vs top2" in md
+    for name in ("top2 - dense", "top2_aa - top2", "ec2 - top2", "ec2 - dense"):
+        assert name in md
     compare.plot(tmp_path / "f.png", res)
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_a_truncated_results_file_is_named(tmp_path):
+    """A results.json cut short gives a ValueError naming the file, not a JSONDecodeError."""
+    (tmp_path / "results.json").write_text('{"runs": [')
+    with pytest.raises(ValueError, match="results.json"):
+        compare.load(tmp_path)
+
+
+def test_a_diverged_run_is_left_out_with_a_note():
+    """A run whose loss diverged (final loss null in strict JSON) is left out of its pairs, and
+    the judgment says so, instead of the report crashing."""
+    res = controls(moe_gain=0.1)
+    for r in res["runs"]:
+        if r["router"] == "ec2" and r["seed"] == 0:
+            r["final_val"], r["val_loss"][-1] = None, None
+    a = compare.analyse(res)
+    assert any("diverged" in n for n in a["judgment"]["notes"])
+    assert {p["pair"]: p["n"] for p in a["judgment"]["pairs"]}["ec2 - top2"] == 4
+
+
+def test_merge_adds_seeds_and_refuses_overlap_or_another_config(tmp_path):
+    """Two run sets of one experiment (seeds 0-2, 3-4) merge into one of seeds 0-4 whose
+    judgment equals the judgment of the whole set; the same seed twice, or another config, is
+    refused with the directory named."""
+    whole = controls(moe_gain=0.1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, seeds in ((a, [0, 1, 2]), (b, [3, 4])):
+        part = result_set([r for r in whole["runs"] if r["seed"] in seeds], seeds)
+        compare.write(d, part)
+    merged = compare.merge([a, b])
+    assert merged["seeds"] == [0, 1, 2, 3, 4] and len(merged["parts"]) == 2
+    pair = {p["pair"]: p for p in merged["analysis"]["judgment"]["pairs"]}["ec2 - top2"]
+    want = {p["pair"]: p for p in whole["analysis"]["judgment"]["pairs"]}["ec2 - top2"]
+    assert pair["mean"] == pytest.approx(want["mean"]) and pair["n"] == 5
+    with pytest.raises(ValueError, match="appears in two parts"):
+        compare.merge([a, a])
+    other = json.loads((b / "results.json").read_text())
+    other["config"]["d_model"] = 32
+    (b / "results.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="config differs"):
+        compare.merge([a, b])

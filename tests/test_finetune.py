@@ -1,18 +1,24 @@
-"""Properties of finetune.py: the task suite is deterministic and keeps val/test on held-out
-files, its examples are what they claim, the metrics score hand cases right, and a dry run
+"""Properties of lab/finetune.py: the task suite is deterministic and keeps val/test on held-out
+files, its examples are what they claim, the metrics score hand cases right, the controls follow
+the analysis plan's rules (lab/stats.py), the committed report still reads, and a dry run
 fine-tunes a tiny pretraining run end to end (lm and t5) into the files the report describes."""
 import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import finetune as ft
 import train_tiny as tt
+from lab import finetune as ft
+from lab import stats
+from lab.corpus import stdlib_files
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = dict(train_examples=256, val_examples=64, test_examples=64)
 
@@ -43,12 +49,21 @@ def content(data, j, task):
 
 def test_import_has_no_side_effects(tmp_path):
     """Importing the module in a fresh interpreter prints nothing and writes no file."""
-    root = os.path.dirname(os.path.abspath(ft.__file__))
-    done = subprocess.run([sys.executable, "-B", "-c", "import finetune"], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-B", "-c", "import lab.finetune"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_help_answers_as_a_module():
+    """`python -m lab.finetune --help` from the repo root prints usage (every flag) and exits 0."""
+    done = subprocess.run([sys.executable, "-m", "lab.finetune", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: python -m lab.finetune")
+    assert "RUN_DIR" in done.stdout and "--dry-run" in done.stdout
 
 
 def test_suite_is_deterministic(suite):
@@ -67,7 +82,7 @@ def test_val_and_test_come_only_from_held_out_files(suite):
     """Every val / test example's source file is one pretraining held out (i % 20 == 10, as
     train_tiny.load_corpus), val and test use disjoint files, train uses none of them, and no
     val / test prompt equals a train prompt."""
-    root, files = tt.stdlib_files()
+    root, files = stdlib_files()
     held = {str(p.relative_to(root)) for i, p in enumerate(files) if i % 20 == 10}
     assert len(held) >= 30
     for name, d in suite["tasks"].items():
@@ -273,6 +288,61 @@ def test_analysis_pairs_by_seed_and_counts_wins_per_seed():
     assert a["positive"] is None and a["null"] is None
 
 
+def scores_result(table):
+    """A finetune result dict from {router: {task: [score per seed]}} (test = val = score)."""
+    runs = [dict(router=rt, seed=s, task=task, val=v, test=v, s_per_step=0.1)
+            for rt, tasks in table.items() for task, scores in tasks.items()
+            for s, v in enumerate(scores)]
+    return dict(runs=runs, routers=list(table), tasks=list(next(iter(table.values()))))
+
+
+def test_controls_follow_the_analysis_plan():
+    """The positive control passes exactly when stats.positive_control passes on the differences
+    with the sign of a loss (pretrained dense scores higher, interval excludes 0): a consistent
+    small gain passes even when its mean is under 2 sd (the old v0 clause is gone). The null
+    control fails exactly when the interval excludes 0. One seed: neither is judged (None). The
+    verdict names the plan."""
+    table = {"dense": {"a": [60, 70, 80, 50], "b": [50, 52, 54, 56]},
+             ft.SCRATCH: {"a": [58, 67, 74, 43], "b": [50, 52, 54, 56]},
+             "top2": {"a": [40, 41, 42, 43], "b": [60, 60, 60, 60]},
+             "top2_aa": {"a": [40, 42, 41, 44], "b": [70, 71, 72, 73]}}
+    a = ft.analyse(scores_result(table))
+    pos, null = a["positive"]["by_task"], a["null"]["by_task"]
+    d = pos["a"]["per_seed"]
+    assert d == [2, 3, 6, 7] and abs(np.mean(d)) < 2 * np.std(d, ddof=1)   # v0 would fail it
+    assert pos["a"]["passes"] is True is stats.positive_control([-x for x in d])["passed"]
+    assert pos["b"]["passes"] is False                       # no difference at all
+    assert null["a"]["null_ok"] is True and null["b"]["null_ok"] is False
+    assert null["b"]["null_ok"] is stats.null_control(null["b"]["per_seed"])["passed"]
+    text = " ".join(a["verdict"])
+    assert "analysis plan v1" in text and "INTERVAL EXCLUDES 0 on b" in text
+    one = ft.analyse(scores_result({rt: {t: v[:1] for t, v in x.items()} for rt, x in table.items()}))
+    assert one["positive"]["by_task"]["a"]["passes"] is None
+    assert one["null"]["by_task"]["b"]["null_ok"] is None
+    assert one["positive"]["by_task"]["a"]["lo"] is None     # one seed: no interval
+    assert "not judged" in " ".join(one["verdict"])
+
+
+def test_committed_report_still_reads(tmp_path):
+    """assets/lm_finetune/finetune.json (written by the earlier finetune.py) renders to markdown and
+    a figure, and re-analysed under the plan's rules it keeps its scores, intervals and controls."""
+    res = json.loads((ROOT / "assets" / "lm_finetune" / "finetune.json").read_text())
+    assert "positive control" in ft.markdown(res)
+    again = ft.analyse(res)
+    for role in ("positive", "null"):
+        for task, d in again[role]["by_task"].items():
+            old = res["analysis"][role]["by_task"][task]
+            for key in ("mean", "lo", "hi"):
+                assert d[key] == pytest.approx(old[key]), (role, task, key)
+    assert all(d["passes"] is True for d in again["positive"]["by_task"].values())
+    assert all(d["null_ok"] is True for d in again["null"]["by_task"].values())
+    res["analysis"] = again
+    md = ft.markdown(res)
+    assert "analysis plan v1" in md
+    ft.plot(tmp_path / "f.png", res)
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_dry_run_end_to_end_lm_and_resume(lm_run, capsys):
     """A dry run fine-tunes every (router, seed, task) plus scratch, writes finetune.json / .md /
     .png, the markdown shows each router, task, baseline and control; --resume reuses all."""
@@ -295,6 +365,8 @@ def test_dry_run_end_to_end_lm_and_resume(lm_run, capsys):
     assert (out / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["analysis"]["positive"]["challenger"] == "dense"
     assert saved["analysis"]["null"]["challenger"] == "top2_aa"
+    assert saved["command"].startswith("python -m lab.finetune ")
+    assert "analysis plan v1" in md
     capsys.readouterr()
     again = ft.main([str(lm_run), "--dry-run", "--resume"])
     assert "(30 already done)" in capsys.readouterr().out

@@ -1,13 +1,16 @@
-"""GPU checks at realistic sizes, and the plumbing of gpu_check.py.
+"""GPU checks at realistic sizes, and the plumbing of lab/gpu_check.py.
 
-- the NumPy reference run on CuPy arrays equals ecmoe on CUDA in float64 (n=2048, e=16, d=256);
-- ecmoe forward+backward on CUDA in float32 and under bf16 autocast matches CPU float64;
-- bench.py times on CUDA with CUDA events, in float32 and bf16 autocast;
-- gpu_check.py --dry-run writes a report listing every stage, without touching assets/.
+- the NumPy reference run on CuPy arrays equals the router table's layers (ecmoe.MoE, token
+  choice) on CUDA in float64 (n=2048, e=16, d=256);
+- their forward+backward on CUDA in float32 and under bf16 autocast matches CPU float64;
+- lab.bench times on CUDA with CUDA events, in float32 and bf16 autocast;
+- lab.gpu_check --dry-run writes a report listing every stage, without touching assets/; its
+  pytest stage runs without the nbmake plugin (the GPU image has none); without a GPU it refuses.
 The GPU tests are marked `gpu` and skip cleanly without CUDA / CuPy (tests/conftest.py); the small
 models of tests/test_ecmoe.py and tests/test_reference.py already cover CuPy on tiny shapes.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import ecmoe
-import gpu_check
 import reference_numpy as ref
 from conftest import requires_cuda, requires_cupy
+from lab import bench, gpu_check
+from moe.routers import ROUTERS, is_token_choice, make_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,27 +32,28 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.gpu
 @requires_cuda
 @requires_cupy
-@pytest.mark.parametrize("router, capacity_factor", [("expert_choice", 2.0), ("top1", 1.0), ("top2", 2.0)])
+@pytest.mark.parametrize("router, capacity_factor", [("ec2", 2.0), ("top1", 1.0), ("top2", 2.0)])
 def test_cupy_reference_equals_cuda_layer_at_realistic_size(router, capacity_factor):
-    """Reference on CuPy == MoE on CUDA in float64 (n=2048, e=16, d=256): routing exactly, y to 1e-10."""
+    """Reference on CuPy == the router table's layer on CUDA in float64 (n=2048, e=16, d=256):
+    routing exactly, y to 1e-10."""
     import cupy as cp
     n, e, d, f = 2048, 16, 256, 512
     torch.manual_seed(0)
-    layer = ecmoe.MoE(d, f, e, router=router, capacity_factor=capacity_factor, group="batch")
+    layer = make_layer(router, d, f, e, capacity_factor=capacity_factor, group="batch")
     layer = layer.double().cuda()
     x = torch.randn(1, n, d, dtype=torch.float64, device="cuda")  # one group of n tokens
     y_module = layer(x).y[0]  # [n, d]
-    _, index_module = layer.route(ecmoe.router_probs(x, layer.w_router))  # [1, e, k]
+    index_module = layer.route(ecmoe.router_probs(x, layer.w_router)).token_index  # [1, e, k]
 
     torch.cuda.synchronize()  # CuPy reads torch's memory directly (zero-copy views)
     w = {name: cp.asarray(p.detach()) for name, p in layer.named_parameters()}
     x_cp = cp.asarray(x[0])
     probs = ref.router_probs(x_cp, w["w_router"])  # [n, e]
     k = ref.expert_capacity(n, e, capacity_factor)
-    if router == "expert_choice":
-        gates, index = ref.expert_choice(probs, k)
+    if is_token_choice(router):
+        gates, index = ref.token_choice(probs, ROUTERS[router].options["top_k"], k)
     else:
-        gates, index = ref.token_choice(probs, 1 if router == "top1" else 2, k)
+        gates, index = ref.expert_choice(probs, k)
     y = ref.moe_ffn(x_cp, gates, index, w["w_in"], w["w_out"])
     assert isinstance(y, cp.ndarray) and isinstance(index, cp.ndarray)  # CuPy in, CuPy out
     np.testing.assert_array_equal(index_module[0].cpu().numpy(), cp.asnumpy(index))
@@ -70,25 +74,26 @@ def forward_backward(layer, x, grad_y, autocast=False):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("router", ["expert_choice", "top2"])
+@pytest.mark.parametrize("router", ["ec2", "top2"])
 @pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
 def test_cuda_forward_backward_matches_cpu_float64(router, precision):
-    """MoE on CUDA (fp32, or bf16 autocast) gives the CPU float64 outputs and gradients, loosely."""
+    """A MoE layer on CUDA (fp32, or bf16 autocast) gives the CPU float64 outputs and gradients, loosely."""
     torch.manual_seed(0)
     B, T, d, f, e = 4, 128, 128, 256, 8
-    truth = ecmoe.MoE(d, f, e, router=router, capacity_factor=2.0, group="batch").double()
+    truth = make_layer(router, d, f, e, capacity_factor=2.0, group="batch").double()
     x = torch.randn(B, T, d, dtype=torch.float64)
     grad_y = torch.randn(B, T, d, dtype=torch.float64)
     y64, g64 = forward_backward(truth, x, grad_y)
-    layer = ecmoe.MoE(d, f, e, router=router, capacity_factor=2.0, group="batch").cuda()
-    layer.load_state_dict({k: v.float() for k, v in truth.state_dict().items()})
+    layer = make_layer(router, d, f, e, capacity_factor=2.0, group="batch").cuda()
+    layer.load_state_dict({k: v.float() if v.is_floating_point() else v  # thresholds' count: long
+                           for k, v in truth.state_dict().items()})
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32: compare plain fp32
     try:
         # routing runs in float32 even under autocast: it must pick the same tokens as float64
-        index64 = truth.route(ecmoe.router_probs(truth.group_tokens(x), truth.w_router))[1]
+        index64 = truth.route(ecmoe.router_probs(truth.group_tokens(x), truth.w_router)).token_index
         x32 = x.float().cuda()
-        index32 = layer.route(ecmoe.router_probs(layer.group_tokens(x32), layer.w_router))[1]
+        index32 = layer.route(ecmoe.router_probs(layer.group_tokens(x32), layer.w_router)).token_index
         assert torch.equal(index32.cpu(), index64), "fp32 routing differs from fp64 (a near-tie?)"
         y, grads = forward_backward(layer, x32, grad_y.float().cuda(), autocast=precision != "float32")
     finally:
@@ -104,7 +109,7 @@ def test_cuda_forward_backward_matches_cpu_float64(router, precision):
 @requires_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bench_on_cuda(dtype, tmp_path):
-    """bench.py --device cuda times every method with CUDA events and records peak memory."""
+    """lab.bench --device cuda times every method with CUDA events and records peak memory."""
     path = tmp_path / "bench.json"
     bench.main(["--quick", "--device", "cuda", "--dtype", dtype, "--methods", "ec", "top1", "top2",
                 "onehot", "--json", str(path)])
@@ -163,17 +168,66 @@ def test_gpu_check_without_cuda_refuses_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
         gpu_check.main(["--out", str(out)])
-    assert info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no GPU found" in err and "no CUDA device" in err
+    assert "nothing was measured or written" in err
     assert not out.exists()
+
+
+def test_help_answers_as_a_module():
+    """`python -m lab.gpu_check --help` prints usage from the repo root and exits 0."""
+    proc = subprocess.run([sys.executable, "-m", "lab.gpu_check", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: python -m lab.gpu_check") and "--dry-run" in proc.stdout
+
+
+def test_stages_run_the_lab_tools_and_only_the_gpu_tests(tmp_path):
+    """The stages run lab.bench as a module and train_tiny.py from the repo root; pytest selects the
+    GPU tests (-m gpu) and overrides pytest.ini's addopts and blocks nbmake (the GPU image has no
+    nbmake or jupyter)."""
+    for dry_run in (False, True):
+        plan = {name: cmd for name, cmd, _, _ in gpu_check.stages(dry_run, tmp_path, tmp_path / "train")}
+        for name, cmd in plan.items():
+            if name.startswith("bench"):
+                assert cmd[1:3] == ["-m", "lab.bench"], cmd
+        assert plan["train_tiny"][1] == "train_tiny.py" and (ROOT / "train_tiny.py").exists()
+        pytest_cmd = plan["pytest"]
+        assert pytest_cmd[1:3] == ["-m", "pytest"] and pytest_cmd[-1] == "tests/"
+        joined = " ".join(pytest_cmd)
+        assert "-m gpu" in joined and "-o addopts=" in joined and "-p no:nbmake" in joined
+    assert gpu_check.ROOT == ROOT
+
+
+def test_pytest_stage_options_work_without_nbmake():
+    """pytest.ini's addopts need nbmake; with the stage's options pytest collects the GPU tests of a
+    file with nbmake blocked (as on the GPU image, where it is not installed), and nothing else."""
+    opts = [o for o in gpu_check.PYTEST_OPTIONS if o not in ("-q", "-rs")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *opts, "--collect-only", "-q", "tests/test_gpu.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert collected and all("cupy" in line or "cuda" in line for line in collected), collected
+
+
+def test_report_reads_the_committed_bench_results(tmp_path):
+    """The report's bench table renders assets/bench_cpu.json (written by the earlier bench.py): one
+    row per case, every timed method as ms and x dense."""
+    result = json.loads((ROOT / "assets" / "bench_cpu.json").read_text())
+    table = gpu_check.bench_table(result)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(result["rows"])
+    assert "ec (x dense)" in table and "top2 (x dense)" in table
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_a_report_with_every_stage(tmp_path):
-    """`gpu_check.py --dry-run` runs every stage on CPU and writes report.md + raw results."""
+    """`python -m lab.gpu_check --dry-run` runs every stage on CPU and writes report.md + raw results."""
     committed = ROOT / "assets" / "gpu"
     before = {p: p.stat().st_mtime for p in committed.rglob("*")} if committed.exists() else None
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "lab.gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "report.md").read_text()

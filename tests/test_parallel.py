@@ -1,4 +1,4 @@
-"""Expert parallelism on CPU (gloo): ecmoe.MoE(expert_parallel_group=...) equals the plain layer.
+"""Expert parallelism on CPU (gloo): moe.parallel.shard_experts(layer, group) equals the plain layer.
 
 W processes each hold e/W experts and their own batch. For every router and every routing group,
 in float64: each rank's output, aux/z losses and the gradients of its x and of w_router equal the
@@ -21,17 +21,23 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 import ecmoe
+import reference_numpy as ref
+from moe import parallel, routers
 
 B, T, D, F_, E = 4, 4, 8, 16, 8  # per-rank batch, positions, d, f, experts (W = 2, 4 divide E)
-CASES = [(router, group) for router in ecmoe.ROUTERS for group in ecmoe.GROUPS]
+# the layers (router-table names; capped with b = 3): expert choice, capped, token choice, and
+# the two with loads that vary between ranks and state learned across them: expert threshold
+# and loss-free top-2
+ROUTERS = ("ec2", "cap3", "top1", "top2", "top2_dropless", "top2_gshard", "et2", "top2_lossfree")
+CASES = [(router, group) for router in ROUTERS for group in ecmoe.GROUPS]
 ATOL = 1e-10
 
 
 def full_layer(router, group):
     """The single-process layer of a case, float64, with a decisive router (seeded: same everywhere)."""
     torch.manual_seed(0)
-    layer = ecmoe.MoE(D, F_, E, router=router, capacity_factor=2.0, group=group,
-                      max_experts_per_token=3, max_iter=20).double()
+    solver = dict(max_iter=20) if router == "cap3" else {}
+    layer = routers.make_layer(router, D, F_, E, capacity_factor=2.0, group=group, **solver).double()
     with torch.no_grad():
         layer.w_router.normal_(0, 1.0)
     return layer
@@ -39,7 +45,7 @@ def full_layer(router, group):
 
 def threshold_layer(group):
     """An expert-choice layer that routes by learned thresholds in eval mode."""
-    layer = full_layer("expert_choice", group)
+    layer = full_layer("ec2", group)
     layer.eval_routing = "threshold"
     return layer
 
@@ -71,13 +77,18 @@ def _worker(rank, W, init_file, out_dir):
     results = {}
     for case, (router, group) in enumerate(CASES):
         full = full_layer(router, group)
-        layer = ecmoe.shard_experts(copy.deepcopy(full), world)
+        layer = parallel.shard_experts(copy.deepcopy(full), world)
         x, weight = global_inputs(W, case)
         rows = slice(rank * B, (rank + 1) * B)
         results[router, group] = forward_backward(layer, x[rows], weight[rows], 100 + rank)
+        if router == "et2":  # the thresholds its first forward learned
+            results[router, group]["threshold"] = layer.threshold.clone()
+        if router == "top2_lossfree":  # the bias after one update
+            layer.update_bias()
+            results[router, group]["expert_bias"] = layer.expert_bias.clone()
     # threshold routing (eval) after one training forward: thresholds averaged over the ranks
     for group in ecmoe.GROUPS:
-        layer = ecmoe.shard_experts(threshold_layer(group), world)
+        layer = parallel.shard_experts(threshold_layer(group), world)
         x = global_inputs(W, 99)[0][rank * B:(rank + 1) * B]
         layer(x)  # training mode: learns the thresholds
         layer.eval()
@@ -85,23 +96,38 @@ def _worker(rank, W, init_file, out_dir):
     # checks that need the group; their outcomes go to the parent as plain values
     checks = {}
     torch.manual_seed(5)
-    direct = ecmoe.MoE(D, F_, E, expert_parallel_group=world)
+    direct = parallel.shard_experts(ecmoe.MoE(D, F_, E), world)
     torch.manual_seed(5)
     whole = ecmoe.MoE(D, F_, E)
-    part = ecmoe.expert_slice(E, rank, W)
+    part = parallel.expert_slice(E, rank, W)
     checks["init_is_slice"] = (direct.w_in.shape == (E // W, D, F_) and
                                torch.equal(direct.w_in, whole.w_in[part]) and
                                torch.equal(direct.w_out, whole.w_out[part]) and
                                torch.equal(direct.w_router, whole.w_router))
     checks["state_keys"] = list(direct.state_dict()) == list(whole.state_dict())
-    gathered = ecmoe.full_state_dict(direct)
+    gathered = parallel.full_state_dict(direct)
     checks["full_state_dict"] = all(torch.equal(gathered[k], v) for k, v in whole.state_dict().items())
-    reloaded = ecmoe.MoE(D, F_, E, expert_parallel_group=world)
-    ecmoe.load_full_state_dict(reloaded, whole.state_dict())
+    # a model holding MoE layers: every one is sharded, the rest untouched
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), ecmoe.MoE(D, F_, E), routers.make_layer("top2", D, F_, E))
+    full_model = copy.deepcopy(model)
+    parallel.shard_experts(model, world)
+    checks["model_sharded"] = (all(isinstance(m, parallel.ExpertParallel) for m in model[1:]) and
+                               model[2].w_in.shape == (E // W, D, F_) and
+                               torch.equal(model[0].weight, full_model[0].weight))
+    gathered = parallel.full_state_dict(model)
+    checks["model_full_state_dict"] = all(torch.equal(gathered[k], v) for k, v in full_model.state_dict().items())
+    reloaded = parallel.shard_experts(ecmoe.MoE(D, F_, E), world)
+    parallel.load_full_state_dict(reloaded, whole.state_dict())
     checks["load_full_state_dict"] = torch.equal(reloaded.w_in, direct.w_in)
     checks["repr"] = repr(direct)
+    checks["rank_and_size"] = (direct.expert_parallel_rank, direct.expert_parallel_size)
     try:
-        ecmoe.MoE(D, F_, 6 if W == 4 else 3, expert_parallel_group=world)
+        parallel.shard_experts(direct, world)
+    except ValueError as error:
+        checks["twice"] = str(error)
+    try:
+        parallel.shard_experts(ecmoe.MoE(D, F_, 6 if W == 4 else 3), world)
     except ValueError as error:
         checks["bad_experts"] = str(error)
     try:  # ranks with different batch shapes: a clear error on every rank, not a hang
@@ -114,7 +140,7 @@ def _worker(rank, W, init_file, out_dir):
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda W: f"W{W}")
-def parallel(request, tmp_path_factory):
+def spawned(request, tmp_path_factory):
     """Spawn W gloo processes once per world size -> (W, [per-rank results])."""
     W = request.param
     out = tmp_path_factory.mktemp(f"ep{W}")
@@ -123,9 +149,9 @@ def parallel(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("router, group", CASES)
-def test_sharded_layer_equals_single_process(parallel, router, group):
+def test_sharded_layer_equals_single_process(spawned, router, group):
     """Outputs, losses, grads of x and w_router per rank; expert grads summed over all ranks' batches."""
-    W, ranks = parallel
+    W, ranks = spawned
     case = CASES.index((router, group))
     x, weight = global_inputs(W, case)
     expected = [forward_backward(full_layer(router, group), x[r * B:(r + 1) * B],
@@ -134,17 +160,17 @@ def test_sharded_layer_equals_single_process(parallel, router, group):
         got, ref = ranks[r]["results"][router, group], expected[r]
         for key in ("y", "aux", "z", "x", "w_router", "stats"):
             torch.testing.assert_close(got[key], ref[key], rtol=0, atol=ATOL, msg=f"rank {r} {key}")
-        part = ecmoe.expert_slice(E, r, W)
+        part = parallel.expert_slice(E, r, W)
         for key in ("w_in", "w_out"):
             summed = sum(e[key] for e in expected)[part]  # every rank's tokens reach these experts
             torch.testing.assert_close(got[key], summed, rtol=0, atol=ATOL, msg=f"rank {r} {key}")
 
 
-def test_threshold_routing_is_learned_and_applied_as_on_one_process(parallel):
+def test_threshold_routing_is_learned_and_applied_as_on_one_process(spawned):
     """Expert-choice thresholds learned on W ranks equal one process's on the global batch (for
     sequence groups: the same groups), and eval routing by thresholds (slots differ between ranks:
     padded) gives each rank the single-process output."""
-    W, ranks = parallel
+    W, ranks = spawned
     x = global_inputs(W, 99)[0]
     for group in ecmoe.GROUPS:
         if group == "sequence":  # one process on all W*B rows forms exactly the ranks' groups
@@ -163,9 +189,32 @@ def test_threshold_routing_is_learned_and_applied_as_on_one_process(parallel):
             torch.testing.assert_close(got["y"], layer(x[r * B:(r + 1) * B]).y, rtol=0, atol=ATOL)
 
 
-def test_dropless_ranks_really_differ_in_slots(parallel):
+def test_learned_router_state_is_the_same_on_every_rank(spawned):
+    """et2's thresholds are the mean over ranks of each rank's cutoff, and top2_lossfree's bias
+    after update_bias is the update of the loads summed over ranks: the same on every rank."""
+    W, ranks = spawned
+    for group in ecmoe.GROUPS:
+        x = global_inputs(W, CASES.index(("et2", group)))[0]
+        singles = [full_layer("et2", group) for _ in range(W)]
+        for r, layer in enumerate(singles):
+            layer(x[r * B:(r + 1) * B])
+        expect = torch.stack([layer.threshold for layer in singles]).mean(0)
+        x = global_inputs(W, CASES.index(("top2_lossfree", group)))[0]
+        loads = 0
+        for r in range(W):
+            layer = full_layer("top2_lossfree", group)
+            layer(x[r * B:(r + 1) * B])
+            loads = loads + layer.expert_load.numpy()  # [E] tokens routed to each expert
+        bias = torch.from_numpy(ref.lossfree_bias_update(np.zeros(E), loads, 1e-3))
+        for r in range(W):
+            got = ranks[r]["results"]
+            torch.testing.assert_close(got["et2", group]["threshold"], expect, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got["top2_lossfree", group]["expert_bias"], bias, rtol=0, atol=1e-15)
+
+
+def test_dropless_ranks_really_differ_in_slots(spawned):
     """top2_dropless is tested where the ranks' slot counts differ, so the padding path runs."""
-    W, _ = parallel
+    W, _ = spawned
     differ = []
     for group in ecmoe.GROUPS:
         slots = set()
@@ -173,41 +222,51 @@ def test_dropless_ranks_really_differ_in_slots(parallel):
             layer = full_layer("top2_dropless", group)
             x = global_inputs(W, CASES.index(("top2_dropless", group)))[0][r * B:(r + 1) * B]
             probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router)
-            slots.add(layer.route(probs)[0].shape[-1])
+            slots.add(layer.route(probs).token_index.shape[-1])
         differ.append(len(slots) > 1)
     assert any(differ), differ
 
 
-def test_sharded_init_state_and_helpers(parallel):
-    """MoE(expert_parallel_group=g) holds slice r of the full init from the same seed, with the same
-    state_dict keys; full_state_dict gathers it back; load_full_state_dict slices a full one."""
-    W, ranks = parallel
+def test_sharded_init_state_and_helpers(spawned):
+    """shard_experts keeps slice r of the same init and keys; full/load_full_state_dict invert it."""
+    W, ranks = spawned
     for r, rank in enumerate(ranks):
         c = rank["checks"]
         assert c["init_is_slice"] and c["state_keys"] and c["full_state_dict"]
-        assert c["load_full_state_dict"]
-        assert f"expert_parallel=rank {r} of {W}" in c["repr"]
+        assert c["load_full_state_dict"] and c["model_sharded"] and c["model_full_state_dict"]
+        assert c["rank_and_size"] == (r, W)
+        assert c["repr"].startswith("ExpertParallelMoE(")  # the sharded class names itself
+        assert "already sharded" in c["twice"]
 
 
-def test_bad_expert_parallel_input_is_a_clear_error(parallel):
+def test_sharded_repr_names_rank_and_world_size(spawned):
+    """print(sharded layer) says which rank of how many it is."""
+    W, ranks = spawned
+    for r, rank in enumerate(ranks):
+        assert f"rank {r} of {W}" in rank["checks"]["repr"], rank["checks"]["repr"]
+
+
+def test_bad_expert_parallel_input_is_a_clear_error(spawned):
     """W not dividing e, and ranks with different batch shapes: ValueErrors naming the problem."""
-    W, ranks = parallel
+    W, ranks = spawned
     for rank in ranks:
-        assert "expert_parallel_group has" in rank["checks"]["bad_experts"]
-        assert "must divide n_experts" in rank["checks"]["bad_experts"]
+        assert f"expert-parallel world size {W} must divide n_experts" in rank["checks"]["bad_experts"]
         assert "same routing shape on every rank" in rank["checks"]["bad_shape"]
 
 
 def test_no_group_is_the_plain_layer():
-    """Without a group nothing changes: same parameters and keys; a group needs torch.distributed."""
+    """Without sharding nothing changes: same parameters and keys; sharding needs torch.distributed."""
     layer = ecmoe.MoE(D, F_, E)
-    assert layer.expert_parallel_group is None and layer.w_in.shape == (E, D, F_)
+    assert not isinstance(layer, parallel.ExpertParallel) and not hasattr(layer, "expert_parallel_group")
+    assert layer.w_in.shape == (E, D, F_)
     assert [name for name, _ in layer.named_parameters()] == ["w_router", "w_in", "w_out"]
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="init_process_group"):
-            ecmoe.MoE(D, F_, E, expert_parallel_group=object())
+            parallel.shard_experts(layer, object())
+        assert type(layer) is ecmoe.MoE and layer.w_in.shape == (E, D, F_)  # untouched
     with pytest.raises(ValueError, match="must divide n_experts"):
-        ecmoe.expert_slice(6, 0, 4)
+        parallel.expert_slice(6, 0, 4)
+    assert parallel.expert_slice(8, 3, 4) == slice(6, 8)
 
 
 # ----------------------------------------------------------------------------- training (torchrun)
@@ -232,9 +291,11 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path, capsys):
     those of one process), interrupted after step 1 and resumed, gives the loss curves of one
     process to float error; the saved model has the full experts; a one-process --resume of the
     2-process run is refused (its routing groups could differ)."""
+    import textwrap
+
     import train_tiny as tt
-    data = tmp_path / "corpus.txt"
-    data.write_text(open(tt.__file__).read() * 2, encoding="utf-8")
+    data = tmp_path / "corpus.txt"   # a fixed text (not this project's code, which changes)
+    data.write_text(open(textwrap.__file__).read() * 2, encoding="utf-8")
     argv = TRAIN + ["--data", str(data)]
     one = tt.main(argv + ["--out", str(tmp_path / "one")])
     torchrun(argv + ["--out", str(tmp_path / "two"), "--stop-after", "1"], tmp_path)

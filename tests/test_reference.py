@@ -749,6 +749,17 @@ def test_capped_lp_tests_its_stopping_rule_every_10th_sweep():
     assert ref.solve_capped_lp(probs, 4, 2, tol=1e-2).n_iter < 1000  # a loose tol does stop early
 
 
+def test_capped_solver_defaults_match_the_torch_module():
+    """The capped solver defaults (constants and signature defaults) equal moe.capped's and CappedMoE's."""
+    capped = pytest.importorskip("moe.capped")  # torch: this file's oracles stay NumPy/SciPy
+    names = ("DEFAULT_ENTROPY_WEIGHT", "DEFAULT_MAX_ITER", "DEFAULT_TOL", "CONVERGENCE_CHECK_EVERY")
+    assert [getattr(ref, n) for n in names] == [getattr(capped, n) for n in names]
+    for fn in (ref.solve_capped_lp, ref.capped_expert_choice, capped.solve_capped_lp,
+               capped.capped_expert_choice, capped.CappedMoE.__init__):
+        assert (default(fn, "entropy_weight"), default(fn, "max_iter"), default(fn, "tol")) == \
+            (ref.DEFAULT_ENTROPY_WEIGHT, ref.DEFAULT_MAX_ITER, ref.DEFAULT_TOL), fn.__qualname__
+
+
 # =============================================================================================
 # 3. Regression tests for bugs seen in peer implementations
 # =============================================================================================

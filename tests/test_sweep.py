@@ -1,10 +1,11 @@
-"""sweep.py runs the trainer once per value (dry-run sizes here) and reports every value's paired
-differences and positive control; --report-only rebuilds the report; bad flags name the flag."""
+"""lab/sweep.py runs the trainer once per value (dry-run sizes here) and reports every value's
+paired differences and positive control; --report-only rebuilds the report; it can vary the
+capacity factor; bad flags name the flag."""
 import json
 
 import pytest
 
-import sweep
+from lab import sweep
 
 
 def test_sweep_runs_every_value_and_reports(tmp_path, capsys):
@@ -25,6 +26,8 @@ def test_sweep_runs_every_value_and_reports(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,named", [(["--flag", "expertz", "--values", "4"], "--flag"),
                                         (["--values", "4"], "--flag"),
+                                        (["--flag", "experts", "--values", "4,,8"], "--values"),
+                                        (["--flag", "experts", "--values", "4,4"], "--values"),
                                         (["--report-only"], "--out")])
 def test_sweep_bad_flags(tmp_path, capsys, argv, named):
     with pytest.raises(SystemExit):
@@ -51,3 +54,25 @@ def test_dense_from_must_be_the_same_experiment(tmp_path, capsys):
                     "--steps", "3"])
     err = capsys.readouterr().err
     assert "differ from" in err and "'steps'" in err
+
+
+def test_sweep_varies_the_capacity_factor(tmp_path):
+    """--flag capacity_factor: each value trains every MoE router at that c (the dense runs are
+    the same at every value), recorded in the runs' configs."""
+    out = tmp_path / "sw"
+    sweep.main(["--flag", "capacity_factor", "--values", "1,1.5", "--out", str(out), "--",
+                "--dry-run", "--routers", "top2,ec2,dense", "--seeds", "0,1"])
+    s = json.loads((out / "sweep.json").read_text())
+    assert [p["value"] for p in s["points"]] == ["1", "1.5"]
+    for p in s["points"]:
+        res = json.loads((out / f"capacity_factor_{p['value']}" / "results.json").read_text())
+        c = {r["router"]: r["capacity_factor"] for r in res["runs"]}
+        assert c == {"top2": float(p["value"]), "ec2": float(p["value"]), "dense": None}
+        assert "ec2 vs top2" in p["pairs"] and "ec2 vs dense" in p["pairs"]
+    assert "| 1.5 |" in (out / "sweep.md").read_text()
+
+
+def test_sweep_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--help"])
+    assert e.value.code == 0 and "--flag" in capsys.readouterr().out

@@ -1,8 +1,10 @@
-"""Properties of train_tiny.py: the pretraining comparison (lm and t5) runs end to end, is causal,
-resumes to the same result, is deterministic, and rejects bad input with a message naming the flag."""
+"""Properties of train_tiny.py and its lab/ helpers: the pretraining comparison (lm and t5) runs
+end to end, is causal, resumes to the same result, is deterministic, writes strict JSON, and rejects
+bad input (flags, truncated files) with a message naming the flag or the file."""
 import dataclasses
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +15,12 @@ import torch
 
 import ecmoe
 import train_tiny as tt
+from lab import model as tiny_model
+from lab import sample
+from lab.corpus import load_corpus
+from lab.evaluation import evaluate, expert_choice_layers
+from lab.runner import Progress
+from moe.routers import ROUTERS, base_router
 
 # A tiny config (seconds per run) given as flags, so the tests exercise the real parser.
 TINY = ["--d-model", "32", "--d-ff", "32", "--n-heads", "2", "--enc-layers", "2",
@@ -33,7 +41,12 @@ def text_file(tmp_path_factory):
 
 
 def tiny_cfg(**kw):
-    return dataclasses.replace(tt.Config(), **{**tt.DRY_RUN, "device": "cpu", **kw})
+    cfg, _ = tt.parse_config(["--dry-run", "--device", "cpu"])
+    return dataclasses.replace(cfg, **kw)
+
+
+def corpus_of(cfg):
+    return load_corpus(cfg.data, cfg.chunk_bytes)
 
 
 def t5_cfg(**kw):
@@ -71,7 +84,7 @@ def test_span_corruption_round_trip():
 def test_batches_depend_only_on_seed_and_step(text_file, arch):
     """Training batches are a pure function of (seed, step): paired across routers, resumable."""
     cfg = tiny_cfg(data=text_file, arch=arch)
-    corpus = tt.load_corpus(cfg)
+    corpus = corpus_of(cfg)
     a, b = tt.train_batch(corpus, 3, 7, cfg), tt.train_batch(corpus, 3, 7, cfg)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], tt.train_batch(corpus, 3, 8, cfg)[0])
@@ -80,7 +93,7 @@ def test_batches_depend_only_on_seed_and_step(text_file, arch):
 def test_lm_targets_are_the_next_byte(text_file):
     """lm batches: targets are the inputs shifted left by one byte, every position a target."""
     cfg = tiny_cfg(data=text_file)
-    ids, tgt = tt.train_batch(tt.load_corpus(cfg), 0, 0, cfg)
+    ids, tgt = tt.train_batch(corpus_of(cfg), 0, 0, cfg)
     assert ids.shape == tgt.shape == (cfg.batch_size, cfg.chunk_bytes)
     assert torch.equal(ids[:, 1:], tgt[:, :-1])
     assert tt.target_tokens_per_batch(cfg) == tgt.numel()
@@ -166,12 +179,12 @@ def test_subgroups_route_each_group_alone():
     of sequences 0..g-1 does not depend on the others; inside a group it does (EC competes).
     to_subgroups / from_subgroups are inverse."""
     x = torch.randn(8, 5, 16)
-    assert torch.equal(tt.from_subgroups(tt.to_subgroups(x, 4), 8, 5), x)
+    assert torch.equal(tiny_model.from_subgroups(tiny_model.to_subgroups(x, 4), 8, 5), x)
     torch.manual_seed(0)
-    moe = ecmoe.MoE(16, 8, 4, router="expert_choice", capacity_factor=1.0, group="position")
+    moe = ecmoe.MoE(16, 8, 4, capacity_factor=1.0, group="position")
     with torch.no_grad():
         def y(inp):
-            return tt.from_subgroups(moe(tt.to_subgroups(inp, 4)).y, 8, 5)
+            return tiny_model.from_subgroups(moe(tiny_model.to_subgroups(inp, 4)).y, 8, 5)
         base = y(x)
         other = x.clone()
         other[4:] = torch.randn(4, 5, 16)                 # the second group only
@@ -226,38 +239,41 @@ def test_dry_run_end_to_end(tmp_path, arch):
     """`--dry-run` trains every router (and the A/A control) for two steps on the stdlib and
     writes all result files, with both controls and every matched pair analysed."""
     res = tt.main(["--dry-run", "--arch", arch, "--out", str(tmp_path)])
-    assert {"results.json", "results.md", "val_loss.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.md", "differences.png"} <= {p.name for p in tmp_path.iterdir()}
     saved = json.loads((tmp_path / "results.json").read_text())
     a = saved["analysis"]
-    assert set(a["routers"]) == set(tt.ALL_ROUTERS) | {"top2_aa"}
-    assert len(saved["runs"]) == 2 * (len(tt.ALL_ROUTERS) + 1) and saved["seeds"] == [0, 1]
+    assert set(a["routers"]) == set(ROUTERS) | {"top2_aa"}
+    assert len(saved["runs"]) == 2 * (len(ROUTERS) + 1) and saved["seeds"] == [0, 1]
     assert saved["corpus"]["total_bytes"] > 1_000_000 and len(saved["corpus"]["sha256"]) == 64
-    assert a["positive"]["baseline"] == "dense" and "top2_aa" in a["null"]
-    assert {"ec2 vs top2", "ec1 vs top1", "ec2 vs top2_dropless", "ec2 vs top2_gshard"} <= set(a["pairs"])
+    j = a["judgment"]                 # lab/compare.py's analysis (lab/stats.py's judgment)
+    assert j["positive_control"]["baseline"] == "dense"
+    assert [s["pair"] for s in j["null_controls"]] == ["top2_aa - top2"]
+    assert {"ec2 - top2", "ec1 - top1", "ec2 - top2_dropless", "ec2 - top2_gshard"} <= \
+        {s["pair"] for s in j["pairs"]}
     layer = "dec1"
     assert a["routers"]["ec2"]["stats"][layer]["dropped_fraction"] == 0.0
     assert a["routers"]["top2_dropless"]["stats"][layer]["dropped_fraction"] == 0.0
     assert a["verdict"] == ["Dry run (a few steps of a tiny model): the numbers test the plumbing, "
                             "no verdict."] and res["wall_time_s"] > 0
     md = (tmp_path / "results.md").read_text()
-    assert "| ec2 |" in md and "NOT reproduced" not in md and "null control" in md
+    assert "| ec2 |" in md and "NOT reproduced" not in md and "null control" in md.lower()
     assert not list(tmp_path.glob("**/*.tmp")) and not list((tmp_path / "ckpt").glob("*.pt"))
     assert (os.stat(tmp_path / "results.json").st_mode & 0o777) != 0o600   # not mkstemp's mode
     # inference at batch size 1: every run measured it; threshold routing is batch-independent
     for r in saved["runs"]:
         inf = r["inference"]
-        if tt.base_router(r["router"]) in ("ec1", "ec2"):
+        if base_router(r["router"]) in ("ec1", "ec2"):
             assert abs(inf["threshold_B"] - inf["threshold_1"]) < 1e-4
             assert len(r["val_loss_threshold"]) == len(r["val_step"])
             assert len(r["thresholds_over_training"][layer]) == len(r["val_step"])
-        elif tt.base_router(r["router"]) in ("cap2", "cap3"):   # a group of 1 token
+        elif base_router(r["router"]) in ("cap2", "cap3"):   # a group of 1 token
             assert inf["group_1"] is None and "infeasible" in inf["error"]
         else:
             assert inf["group_1"] > 0
     assert "## Inference at batch size 1" in md and "| ec2 | threshold |" in md
     model, cfg = tt.load_model(tmp_path, "ec2", 1)
     assert cfg.arch == arch and not model.training
-    assert all(int(m.threshold_updates) == cfg.steps for m in tt.expert_choice_layers(model))
+    assert all(int(m.threshold_updates) == cfg.steps for m in expert_choice_layers(model))
 
 
 def test_dry_run_does_not_write_the_default_out_dir(tmp_path, monkeypatch):
@@ -269,13 +285,20 @@ def test_dry_run_does_not_write_the_default_out_dir(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
-def test_help_prints_every_flag(capsys):
-    """`--help` works (a literal % in a help string once crashed it) and lists every flag."""
+def test_help_prints_every_flag_with_its_default(capsys):
+    """`--help` works (a literal % in a help string once crashed it) and lists every flag with its
+    default; so does python -m lab.sample --help."""
     with pytest.raises(SystemExit) as e:
         tt.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert all("--" + f.name.replace("_", "-") in text for f in dataclasses.fields(tt.Config))
+    assert text.count("(default:") == len(dataclasses.fields(tt.Config))
+    flat = " ".join(text.split())
+    assert "(50 of 600" in flat and "fractions of" in flat       # the schedule scales with --steps
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    assert e.value.code == 0 and "RUN_DIR" in capsys.readouterr().out.upper()
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +368,7 @@ def test_worker_processes_match_in_process(uninterrupted, tmp_path):
 def test_aa_control_same_init_other_data(text_file):
     """top2_aa trains top2's model from top2's initial weights on another data order."""
     cfg = tiny_cfg(data=text_file)
-    corpus = tt.load_corpus(cfg)
+    corpus = corpus_of(cfg)
     a = tt.run_one(dataclasses.replace(cfg, out="/tmp/unused_aa", steps=1), "top2", 0, corpus,
                    report=lambda m: None)
     b = tt.run_one(dataclasses.replace(cfg, out="/tmp/unused_aa", steps=1), "top2_aa", 0, corpus,
@@ -363,7 +386,16 @@ def test_aa_control_same_init_other_data(text_file):
     (["--arch", "gpt"], "--arch"),
     (["--group-size", "3"], "--group-size"),
     (["--decoder-router", "bogus"], "--decoder-router"),
+    (["--decoder-group", "bogus"], "--decoder-group"),
+    (["--arch", "t5", "--encoder-group", "bogus", "--routers", "cap2"], "--encoder-group"),
     (["--data", "/nonexistent/corpus.txt"], "--data"),
+    (["--routers", "top2,top2"], "--routers"),          # would write the same files twice
+    (["--routers", "ec2,,top2"], "--routers"),
+    (["--routers", ""], "--routers"),
+    (["--seeds", "0,0"], "--seeds"),
+    (["--capacity-factor", "0"], "--capacity-factor"),
+    (["--routers", "cap2", "--capacity-factor", "3"], "--capacity-factor"),   # cap2: c <= 2
+    (["--steps", "60", "--cooldown", "150"], "--cooldown"),   # the schedule covers the run
 ])
 def test_bad_flags_name_the_flag(flags, named, capsys):
     """Bad flags exit with a message that names the flag."""
@@ -424,7 +456,7 @@ def test_lm_threshold_inference_is_causal_and_batch_independent():
     for group in ("position", "batch"):
         cfg = tiny_cfg(chunk_bytes=12, decoder_group=group)
         model, V = _trained_ec_model(cfg)
-        for m in tt.expert_choice_layers(model):
+        for m in expert_choice_layers(model):
             m.eval_routing = "threshold"
         ids = torch.randint(2, V, (4, 12), generator=torch.Generator().manual_seed(9))
         with torch.no_grad():
@@ -440,36 +472,46 @@ def test_evaluate_restores_training_state():
     cfg = tiny_cfg(chunk_bytes=12)
     model, V = _trained_ec_model(cfg)
     model.train()
-    before = [m.threshold.clone() for m in tt.expert_choice_layers(model)]
+    before = [m.threshold.clone() for m in expert_choice_layers(model)]
     ids = torch.randint(2, V, (4, 12))
-    tt.evaluate(model, [(ids, ids)], torch.device("cpu"), "threshold")
-    assert model.training and all(m.eval_routing == "group" for m in tt.expert_choice_layers(model))
-    assert all(torch.equal(b, m.threshold) for b, m in zip(before, tt.expert_choice_layers(model)))
+    evaluate(model, [(ids, ids)], torch.device("cpu"), "threshold")
+    assert model.training and all(m.eval_routing == "group" for m in expert_choice_layers(model))
+    assert all(torch.equal(b, m.threshold) for b, m in zip(before, expert_choice_layers(model)))
 
 
 @pytest.mark.parametrize("arch", ["lm", "t5"])
-def test_sample_at_batch_size_one(tmp_path, arch):
-    """--sample RUN_DIR: seeded samples at batch size 1 for every router of a finished run
-    (expert choice with threshold routing), deterministic, stored in results.json and shown in
-    results.md; a directory without results.json is a clear error."""
+def test_sample_at_batch_size_one(tmp_path, arch, capsys):
+    """python -m lab.sample RUN_DIR: seeded samples at batch size 1 for every router of a finished
+    run (expert choice with threshold routing), deterministic, stored in results.json and shown in
+    results.md; a directory without results.json, or with a saved model cut short, is a clear
+    error naming it."""
     tt.main(["--dry-run", "--arch", arch, "--routers", "ec2,top2,dense", "--seeds", "0",
              "--out", str(tmp_path)])
-    first = tt.main(["--sample", str(tmp_path)])
-    again = tt.main(["--sample", str(tmp_path)])
+    first = sample.main([str(tmp_path)])
+    again = sample.main([str(tmp_path)])
     assert first == again and set(first["by_router"]) == {"ec2", "top2", "dense"}
     assert first["by_router"]["ec2"]["routing"] == "threshold"
+    assert first["command"] == f"python -m lab.sample {tmp_path}"
     assert all(len(t) > 0 for x in first["by_router"].values() for t in x["texts"])
     md = (tmp_path / "results.md").read_text()
-    assert "## Samples at batch size 1" in md and md.count("| ec2 | threshold |") >= 1 + tt.SAMPLE_PROMPTS
+    assert "## Samples at batch size 1" in md
+    assert md.count("| ec2 | threshold |") >= 1 + sample.PROMPTS
     assert json.loads((tmp_path / "results.json").read_text())["samples"] == first
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        tt.main(["--sample", str(tmp_path / "nowhere")])
+        sample.main([str(tmp_path / "nowhere")])
+    assert "nowhere" in capsys.readouterr().err
+    saved = tt.model_path(tmp_path, "top2", 0)
+    saved.write_bytes(saved.read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        sample.main([str(tmp_path)])
+    assert str(saved) in capsys.readouterr().err
 
 
 def test_detokenize_escapes_control_bytes():
     """Samples print on one line: newline and control bytes escaped, sentinels and EOS named."""
     ids = [tt.BYTE0 + b for b in b"a\nb\x0c"] + [tt.SENTINEL0 + 1, tt.EOS]
-    assert tt.detokenize(ids) == "a\\nb\\x0c<X1><eos>"
+    assert sample.detokenize(ids) == "a\\nb\\x0c<X1><eos>"
 
 
 def test_group_size_larger_than_the_batch_routes_the_batch_as_one_group():
@@ -482,3 +524,175 @@ def test_group_size_larger_than_the_batch_routes_the_batch_as_one_group():
     plain.load_state_dict(model.state_dict())
     ids = torch.randint(0, tt.vocab_size(cfg), (1, 16))
     torch.testing.assert_close(model(ids)[0], plain(ids)[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixes of issue 16: each with the property it restores.
+
+
+def test_relative_bias_index_is_built_once_per_shape(monkeypatch):
+    """RelativeBias builds its bucket index (and causal mask) once per (Tq, Tk, device), on that
+    device, and reuses it: the same bias as a fresh build, no CPU->device copy per forward."""
+    calls = []
+    build = tiny_model.relative_bucket
+    monkeypatch.setattr(tiny_model, "relative_bucket",
+                        lambda *a, **k: calls.append(a) or build(*a, **k))
+    for bidirectional in (False, True):
+        bias = tiny_model.RelativeBias(2, bidirectional)
+        torch.nn.init.normal_(bias.table)
+        first = bias(7, 7)
+        assert len(calls) == 1 and torch.equal(bias(7, 7), first) and len(calls) == 1
+        bias(5, 9)
+        assert len(calls) == 2 and set(bias.cache) == {(7, 7, bias.table.device),
+                                                       (5, 9, bias.table.device)}
+        fresh = tiny_model.RelativeBias(2, bidirectional)
+        fresh.load_state_dict(bias.state_dict())          # the cache is not in the state dict
+        assert torch.equal(fresh(7, 7), first) and len(calls) == 3
+        future = torch.ones(7, 7, dtype=torch.bool).triu(1)
+        assert (first[0, 0][future] == -1e9).all() != bidirectional   # causal mask iff decoder
+        calls.clear()
+
+
+def test_loss_fn_reuses_the_moe_layer_list(monkeypatch):
+    """The MoE layers are found once, when the model is built: loss_fn walks no modules."""
+    cfg = tiny_cfg(chunk_bytes=12)
+    model = tt.build_model(cfg, "top2")
+    tt.init_weights(model, 0)
+    names = [n for n, _ in model.moe_layers()]
+    assert names == ["dec1"] and model.moe_layers() is model.moe_layers()
+
+    def walked(*a, **k):
+        raise AssertionError("loss_fn walked the module tree")
+    monkeypatch.setattr(model, "named_modules", walked)
+    monkeypatch.setattr(model, "modules", walked)
+    ids = torch.randint(2, tt.vocab_size(cfg), (4, 12))
+    ce, loss, outs = tt.loss_fn(model, (ids, ids), cfg)
+    expected = ce + cfg.z_loss_weight * outs[0].z_loss + cfg.aux_loss_weight * outs[0].aux_loss
+    assert torch.equal(loss, expected)                     # token choice: aux loss included
+
+
+@pytest.mark.parametrize("argv,schedule", [
+    ([], (600, 50, 300, 150)),                  # the default: today's schedule, bitwise
+    (["--steps", "60"], (60, 5, 30, 15)),       # a short run keeps the shape
+    (["--steps", "60", "--warmup", "2"], (60, 2, 30, 15)),
+    (["--arch", "t5"], (320, 30, 0, 0)),        # the T5 preset's own fractions
+    (["--arch", "t5", "--steps", "64"], (64, 6, 0, 0)),
+    (["--quick"], (150, 12, 75, 38)),
+])
+def test_schedule_scales_with_steps(argv, schedule):
+    """--warmup, --decay-start and --cooldown not given are fractions of --steps: --steps 60 no
+    longer trains at ~1/8 of the peak rate inside a 150-step cooldown."""
+    cfg, _ = tt.parse_config(argv + ["--device", "cpu"])
+    assert (cfg.steps, cfg.warmup, cfg.decay_start, cfg.cooldown) == schedule
+    lr = [tt.lr_at(s, cfg) for s in range(cfg.steps)]
+    assert max(lr) == pytest.approx(cfg.lr) and lr[-1] <= lr[0] + cfg.lr
+    assert np.mean(lr) > 0.4 * cfg.lr       # the fixed 50/300/150 gave --steps 60 a mean of 0.08
+
+
+def test_quick_mode_is_one_seed_into_its_own_directory(tmp_path, monkeypatch, capsys, text_file):
+    """--quick: one seed of top2, ec2 and dense, 150 steps, into runs/quick (never the default
+    run's runs/tiny), and its output says what one short run can and cannot show."""
+    cfg, _ = tt.parse_config(["--quick", "--device", "cpu"])
+    assert (cfg.seeds, cfg.routers, cfg.steps) == ("0", "top2,ec2,dense", 150)
+    assert cfg.out == "runs/quick"
+    monkeypatch.chdir(tmp_path)
+    res = tt.main(["--quick"] + TINY + ["--data", text_file, "--steps", "4", "--eval-every", "2"])
+    assert (tmp_path / "runs" / "quick" / "results.json").exists()
+    assert not (tmp_path / "runs" / "tiny").exists() and res["seeds"] == [0]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cannot show whether one router is better" in out
+    assert "python train_tiny.py (3 seeds" in out
+    assert "[0.00, inf]" not in out and "nan" not in out.lower().replace("nans", "")
+
+
+def test_diverged_run_writes_strict_json(tmp_path, monkeypatch):
+    """A run whose loss became NaN or infinite (here: lr 1e30) writes strict JSON: null, never
+    NaN or Infinity, in its run file and in results.json (what a strict parser accepts)."""
+    report = {}
+    monkeypatch.setattr(tt.compare, "analyse", lambda res: report.setdefault("res", res) and {})
+    monkeypatch.setattr(tt.compare, "markdown", lambda res: "")
+    monkeypatch.setattr(tt.compare, "plot", lambda path, res: None)
+    monkeypatch.setattr(tt.compare, "console_summary", lambda res: "")
+    tt.main(["--dry-run", "--routers", "dense", "--seeds", "0", "--lr", "1e30", "--steps", "3",
+             "--out", str(tmp_path)])
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+    for path in [tmp_path / "results.json", *(tmp_path / "runs").glob("*.json")]:
+        data = json.loads(path.read_text(), parse_constant=refuse)
+        run = data["runs"][0] if "runs" in data else data
+        assert None in run["val_loss"], path                 # it did diverge
+    assert not any(isinstance(x, float) and not math.isfinite(x)
+                   for x in report["res"]["runs"][0]["val_loss"])   # compare gets strict data too
+
+
+def test_eta_counts_only_steps_trained_in_this_process(monkeypatch, capsys):
+    """A run resumed at step 80 of 100 has 20 steps to train: the ETA is elapsed time per step
+    trained HERE times the steps left, not as if the 80 restored steps had run."""
+    now = [1000.0]
+    monkeypatch.setattr("lab.runner.time.time", lambda: now[0])
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    show = Progress(["a", "b"], {"a": 20, "b": 100}, 100)     # a: resumed at 80; b: fresh
+    now[0] += 10.0
+    show(dict(job="a", step=90, info=""))                      # 10 steps here in 10 s
+    assert show.eta(10.0) == pytest.approx(10.0 / 10 * (120 - 10))
+    assert "ETA 1:50" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def stopped(uninterrupted, tmp_path_factory):
+    """A run directory stopped at step 4 (checkpoints) with top2's run finished."""
+    argv, _ = uninterrupted
+    out = tmp_path_factory.mktemp("stopped")
+    tt.main(argv + ["--out", str(out), "--routers", "top2"])
+    assert tt.main(argv + ["--out", str(out), "--stop-after", "3", "--resume"]) is None
+    return argv, out
+
+
+@pytest.mark.parametrize("damage,what", [
+    ("ckpt", "unreadable checkpoint"), ("ckpt_keys", "missing ['config']"),
+    ("run", "unreadable run file"), ("run_keys", "missing ['config']")])
+def test_resume_with_a_damaged_file_names_it(stopped, tmp_path, capsys, damage, what):
+    """--resume with a checkpoint or a run file cut short (a full disk, a copy interrupted) or of
+    another layout stops with an error naming the file, not a torch zip error, JSONDecodeError
+    or KeyError: 'config'."""
+    argv, src = stopped
+    out = tmp_path / "out"
+    import shutil
+    shutil.copytree(src, out)
+    path = out / ("ckpt/ec2_s0.pt" if damage.startswith("ckpt") else "runs/top2_s0.json")
+    if damage == "ckpt":
+        path.write_bytes(path.read_bytes()[:2000])
+    elif damage == "ckpt_keys":
+        state = torch.load(path, weights_only=True)
+        del state["config"]
+        torch.save(state, path)
+    elif damage == "run":
+        path.write_text(path.read_text()[:100])
+    else:
+        path.write_text(json.dumps({"router": "top2"}))
+    with pytest.raises(SystemExit):
+        tt.main(argv + ["--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert "--resume" in err and str(path) in err and what in err
+
+
+def test_capacity_factor_flag(text_file, tmp_path, capsys):
+    """--capacity-factor c overrides every MoE router's table value (recorded in the run config
+    and in each run's effective capacity_factor); a resume with another c is refused."""
+    cfg = tiny_cfg(capacity_factor=1.5)
+    for router in ("ec2", "top2", "ec1", "cap2"):
+        (_, layer), = tt.build_model(cfg, router).moe_layers()
+        assert layer.capacity_factor == 1.5, router
+    (_, layer), = tt.build_model(tiny_cfg(), "ec1").moe_layers()
+    assert layer.capacity_factor == 1.0                       # the table's
+    argv = TINY + ["--data", text_file, "--routers", "ec2,dense", "--seeds", "0", "--steps", "4",
+                   "--eval-every", "2", "--out", str(tmp_path)]
+    assert tt.main(argv + ["--capacity-factor", "1.5", "--stop-after", "1"]) is None
+    res = tt.main(argv + ["--capacity-factor", "1.5", "--resume"])
+    runs = {r["router"]: r for r in res["runs"]}
+    assert runs["ec2"]["config"]["capacity_factor"] == 1.5 and runs["ec2"]["capacity_factor"] == 1.5
+    assert runs["dense"]["capacity_factor"] is None
+    with pytest.raises(SystemExit):
+        tt.main(argv + ["--resume"])
+    assert "capacity_factor" in capsys.readouterr().err

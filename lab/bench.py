@@ -1,10 +1,19 @@
-"""bench.py: how fast is ecmoe.MoE compared with a dense FFN of the same activated FLOPs?
+"""lab/bench.py: how fast is ecmoe.MoE compared with a dense FFN of the same activated FLOPs?
 
 Forward + backward wall time of one layer on n tokens (one routing group), for
     dense    a GELU FFN d -> c*f -> d: the same FLOPs as EC-CFc (each token gets c experts of width f
              on average), the yardstick every ratio is taken against (always timed);
-    ec       ecmoe.MoE(router="expert_choice") (gather -> batched matmul -> scatter-add);
-    top1/2   ecmoe.MoE(router="top1"/"top2") through the same dispatch path, same slot count;
+    ec       router "ec2" of the router table (moe/routers.py: ecmoe.MoE; gather -> batched matmul
+             -> scatter-add), at the case's c;
+    top1/2   routers "top1" / "top2" (moe.token_choice.TokenChoiceMoE) through the same dispatch
+             path, same slot count (the case's c);
+    dropless router "top2_dropless" (TokenChoiceMoE, dropless): every expert padded to the busiest
+             expert's demand (one host sync per forward); its compute does not depend on c;
+    grouped  the same routing and weights through moe.grouped.GroupedDroplessMoE: exactly n*2 rows
+             sorted by expert, one torch._grouped_mm per FFN matmul, no padding, no host sync;
+    threshold  expert choice with eval_routing="threshold" (thresholds learned on another batch),
+             eval forward only under torch.no_grad: padded (ecmoe.MoE) vs grouped (moe.grouped.
+             GroupedMoE), printed under the row, not against dense;
     onehot   expert choice the way the Google references write it: one-hot dispatch and combine
              tensors [n, e, k] and einsums (O(c n^2 d) work and O(c n^2) memory), for contrast;
     hf       transformers' SwitchTransformersSparseMLP at matched sizes (only when installed).
@@ -16,14 +25,13 @@ router in float32, see ecmoe.MoE); the weights stay float32, as in mixed-precisi
 On CUDA, <method>_peak_mb is the peak allocated memory during the method's warm-up call
 (everything resident included); <method>_compiled_compile_s is the first call of a compiled one.
 
-    python bench.py                   # full table, fp32, CUDA if present else CPU
-    python bench.py --quick           # tiny config for a smoke test (seconds); flags you give win
-    python bench.py --json out.json   # also write hardware, versions, threads and timings
-    python bench.py --device cuda --dtype bfloat16 --compile   # GPU, bf16 autocast, + compiled
-    python bench.py --expert-parallel # bytes and time of the expert-parallel all-to-all, W = 1, 2, 4
+    python -m lab.bench                   # full table, fp32, CUDA if present else CPU
+    python -m lab.bench --quick           # tiny config for a smoke test (seconds); flags you give win
+    python -m lab.bench --json out.json   # also write hardware, versions, threads and timings
+    python -m lab.bench --device cuda --dtype bfloat16 --compile   # GPU, bf16 autocast, + compiled
+    python -m lab.bench --expert-parallel # bytes and time of the expert-parallel all-to-all, W = 1, 2, 4
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -37,9 +45,17 @@ import torch
 import torch.nn.functional as F
 
 import ecmoe
+from lab.files import read_json, write_json, write_text
+from moe import parallel
+from moe.capped import CappedMoE
+from moe.grouped import GroupedDroplessMoE, GroupedMoE
+from moe.routers import ROUTERS, make_layer
 
-METHODS = ("ec", "top1", "top2", "onehot", "hf")  # besides dense, which is always timed
-COMPILABLE = ("dense", "ec", "top1", "top2")
+# The MoE methods and the router-table names whose layers they time (moe/routers.py); each case's
+# capacity factor c replaces the table's, so "ec" is EC-CF1 at c = 1 and EC-CF2 at c = 2.
+ROUTER_OF = dict(ec="ec2", top1="top1", top2="top2")
+METHODS = (*ROUTER_OF, "dropless", "grouped", "threshold", "onehot", "hf")  # besides dense (always timed)
+COMPILABLE = ("dense", *ROUTER_OF)
 
 
 @dataclass
@@ -157,8 +173,9 @@ def onehot_cost(n, e, k, d):
     return 4 * entries * 4 / 1e9, 3 * 2 * 2 * entries * d / 1e9
 
 
-def time_once(fn, x, params, cfg):
-    """Seconds for one forward (under autocast if --dtype bfloat16) + backward of fn on x."""
+def time_once(fn, x, params, cfg, backward=True):
+    """Seconds for one forward (under autocast if --dtype bfloat16) + backward of fn on x;
+    backward=False: the forward alone, under torch.no_grad (inference)."""
     for p in params:
         p.grad = None
     x.grad = None
@@ -169,11 +186,13 @@ def time_once(fn, x, params, cfg):
         start.record()
     else:
         t0 = time.perf_counter()
-    with torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+    with torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"), \
+            torch.set_grad_enabled(backward):
         out = fn(x)
         y = out.y if isinstance(out, ecmoe.MoEOutput) else out
         loss = y.float().square().mean()
-    loss.backward()  # outside autocast, as in mixed-precision training
+    if backward:
+        loss.backward()  # outside autocast, as in mixed-precision training
     if cuda:
         end.record()
         end.synchronize()
@@ -205,49 +224,103 @@ def bench_case(cfg, n, e, c, notes):
     k = ecmoe.expert_capacity(n, e, c)
     row = dict(n=n, e=e, c=c, k=k)
     x = torch.randn(1, n, d, device=device, requires_grad=True)  # one routing group of n tokens
-    moe = {r: ecmoe.MoE(d, f, e, router=r, capacity_factor=c, group="batch").to(device)
-           for r in ("expert_choice", "top1", "top2")}
+    moe = {name: make_layer(router, d, f, e, capacity_factor=c, group="batch").to(device)
+           for name, router in ROUTER_OF.items()}  # all built (the same seed draws in every case)
     methods = {"dense": DenseFFN(d, round(c * f)).to(device)}
-    for name, router in (("ec", "expert_choice"), ("top1", "top1"), ("top2", "top2")):
+    for name in ROUTER_OF:
         if name in cfg.methods:
-            methods[name] = moe[router]
+            methods[name] = moe[name]
     gb, gflop = onehot_cost(n, e, k, d)
     if "onehot" in cfg.methods and (gb > cfg.onehot_max_gb or gflop > cfg.onehot_max_gflop):
         notes.append(f"onehot skipped at n={n} e={e} c={c}: would need {gb:.1f} GB / {gflop:.0f} GFLOP "
                      f"(limits {cfg.onehot_max_gb} GB / {cfg.onehot_max_gflop} GFLOP)")
     elif "onehot" in cfg.methods:
-        methods["onehot"] = OneHotExpertChoice(moe["expert_choice"])
+        methods["onehot"] = OneHotExpertChoice(moe["ec"])
     hf = hf_switch_mlp(d, f, e, k) if "hf" in cfg.methods else None
     if hf is not None:
         methods["hf_switch_top1"] = hf
+    if "dropless" in cfg.methods or "grouped" in cfg.methods:  # built last: the draws above stay
+        methods.update(dropless_methods(cfg, d, f, e, c, x, row))
+    eval_only = threshold_methods(cfg, d, f, e, c, x, row) if "threshold" in cfg.methods else {}
     if cfg.compile:
         torch._dynamo.reset()  # fresh compile per case: no cache limit, no stale shapes
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
         methods.update(compile_methods(methods, x, cfg, notes, row))
         row["compiled_graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks
-    times = {name: [] for name in methods}
+    times = {name: [] for name in (*methods, *eval_only)}
+    backward = {**{name: True for name in methods}, **{name: False for name in eval_only}}
+    methods.update(eval_only)
     for name, fn in methods.items():  # warm-up (compiled ones already ran once: the compile)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        time_once(fn, x, list(fn.parameters()), cfg)
+        time_once(fn, x, list(fn.parameters()), cfg, backward[name])
         if device == "cuda":
             row[f"{name}_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     for r in range(cfg.repeats):
         for name, fn in methods.items():
             if name == "onehot" and r >= cfg.onehot_repeats:
                 continue
-            times[name].append(time_once(fn, x, list(fn.parameters()), cfg))
+            times[name].append(time_once(fn, x, list(fn.parameters()), cfg, backward[name]))
     for name, t in times.items():
         row[f"{name}_ms"] = 1e3 * statistics.median(t)
         row[f"{name}_min_ms"] = 1e3 * min(t)
     for name in times:
-        if name != "dense":
+        if name != "dense" and backward[name]:
             row[f"{name}_vs_dense"] = row[f"{name}_ms"] / row["dense_ms"]
         if name.endswith("_compiled") and name != "dense_compiled" and "dense_compiled" in times:
             row[f"{name}_vs_dense_compiled"] = row[f"{name}_ms"] / row["dense_compiled_ms"]
     if "onehot_ms" in row and "ec_ms" in row:
         row["onehot_over_ec"] = row["onehot_ms"] / row["ec_ms"]
+    for a, b in (("dropless", "top2"), ("grouped", "top2"), ("grouped", "dropless"), ("grouped", "ec"),
+                 ("thr_grouped", "thr_padded")):  # ratios measured side by side in this run
+        if f"{a}_ms" in row and f"{b}_ms" in row:
+            row[f"{a}_over_{b}"] = row[f"{a}_ms"] / row[f"{b}_ms"]
     return row
+
+
+def dropless_methods(cfg, d, f, e, c, x, row):
+    """Dropless top-2 padded ("top2_dropless" of the router table) and grouped (GroupedDroplessMoE,
+    the same weights); row gets the padded layout's slots over the n*2 rows the grouped one computes."""
+    padded = make_layer("top2_dropless", d, f, e, capacity_factor=c, group="batch").to(cfg.device)
+    grouped = GroupedDroplessMoE(d, f, e, top_k=2, capacity_factor=c, group="batch").to(cfg.device)
+    grouped.load_state_dict(padded.state_dict())
+    with torch.no_grad():
+        route = padded.route(ecmoe.router_probs(padded.group_tokens(x), padded.w_router))
+    row["dropless_padding"] = route.gates[0].numel() / (2 * x.shape[1])  # e*s / (n*2)
+    return {name: layer for name, layer in (("dropless", padded), ("grouped", grouped)) if name in cfg.methods}
+
+
+def threshold_methods(cfg, d, f, e, c, x, row):
+    """Expert choice in eval with eval_routing="threshold", padded (ecmoe.MoE) and grouped
+    (GroupedMoE, the same weights), thresholds learned from one training forward on another batch;
+    row gets the busiest expert's load over the mean load (1 = no padding to save)."""
+    padded = make_layer("ec2", d, f, e, capacity_factor=c, group="batch", eval_routing="threshold").to(cfg.device)
+    with torch.no_grad():
+        padded(torch.randn_like(x))  # training mode: the thresholds learn (first update sets them)
+    grouped = GroupedMoE(d, f, e, capacity_factor=c, group="batch", eval_routing="threshold").to(cfg.device)
+    grouped.load_state_dict(padded.state_dict())
+    padded.eval(), grouped.eval()
+    with torch.no_grad():
+        route = padded.route(ecmoe.router_probs(padded.group_tokens(x), padded.w_router))
+    load = (route.token_index >= 0).sum(-1).float()  # [1, e]
+    row["thr_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
+    return dict(thr_padded=padded, thr_grouped=grouped)
+
+
+def side_by_side_lines(row):
+    """The dropless and threshold ratios of one row, as printed under it."""
+    ratio = lambda a, b: f"{a} {row[f'{a}_over_{b}']:.2f}x {b}" if f"{a}_over_{b}" in row else None  # noqa: E731
+    dropless = [ratio("dropless", "top2"), ratio("grouped", "top2"), ratio("grouped", "dropless"),
+                ratio("grouped", "ec")]
+    lines = []
+    if any(dropless):
+        pad = f" (padded slots {row['dropless_padding']:.2f}x the n*2 rows)" if "dropless_padding" in row else ""
+        lines.append("dropless top-2 fwd+bwd: " + ", ".join(t for t in dropless if t) + pad)
+    if "thr_grouped_over_thr_padded" in row:
+        lines.append(f"threshold eval forward: padded {row['thr_padded_ms']:.2f} ms, grouped "
+                     f"{row['thr_grouped_ms']:.2f} ms = {row['thr_grouped_over_thr_padded']:.2f}x padded "
+                     f"(busiest expert {row['thr_load_max_over_mean']:.2f}x the mean load)")
+    return lines
 
 
 def check_targets(rows):
@@ -260,6 +333,9 @@ def check_targets(rows):
             out.append((f"EC-CF2 <= 1.05x dense (n=8192, e={row['e']})", row["ec_vs_dense"] <= 1.05))
         if row["c"] == 2.0 and row["n"] == 2048 and row["e"] == 32:
             out.append(("EC-CF2 <= 1.15x dense (n=2048, e=32)", row["ec_vs_dense"] <= 1.15))
+        if row["c"] == 2.0 and "grouped_over_top2" in row:  # issue 18: dropless at top-2's cost
+            out.append((f"dropless top-2 (grouped) <= 1.15x top-2 (n={row['n']}, e={row['e']})",
+                        row["grouped_over_top2"] <= 1.15))
         if "top2_ms" in row:
             out.append((f"EC <= top-2 (n={row['n']}, e={row['e']}, c={row['c']})",
                         row["ec_ms"] <= row["top2_ms"]))
@@ -281,7 +357,7 @@ def cpu_name():
 def build_parser():
     """Flags from BenchConfig; defaults are filled in parse_config (so --quick can tell given ones)."""
     defaults = asdict(BenchConfig())
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", default=False,
                         help="tiny config for a smoke test; flags given explicitly still win")
@@ -337,7 +413,7 @@ def main(argv=None):
     print(f"device={cfg.device} threads={torch.get_num_threads()} torch={torch.__version__} {precision}, "
           f"d={cfg.d_model} f={cfg.d_expert}, forward+backward, median of {cfg.repeats} interleaved "
           f"repeats ({timer}){', + torch.compile' if cfg.compile else ''}")
-    names = [m for m in ("ec", "top1", "top2", "onehot") if m in cfg.methods]
+    names = [m for m in ("ec", "top1", "top2", "dropless", "grouped", "onehot") if m in cfg.methods]
     names += [f"{m}_compiled" for m in COMPILABLE if cfg.compile and (m == "dense" or m in cfg.methods)]
     print(f"{'n':>6} {'e':>3} {'c':>4} {'dense ms':>9} " + " ".join(f"{m:>{max(7, len(m))}}" for m in names))
     rows = []
@@ -351,13 +427,15 @@ def main(argv=None):
                 print(f"{n:>6} {e:>3} {c:>4} {row['dense_ms']:9.2f} " + " ".join(cells), flush=True)
                 if "hf_switch_top1_ms" in row:
                     print(f"{'':>15} HF SwitchTransformersSparseMLP: {row['hf_switch_top1_vs_dense']:.2f}x dense")
+                for line in side_by_side_lines(row):
+                    print(f"{'':>15} {line}")
     print("(columns after 'dense ms' are time / eager dense time)")
     for note in notes:
         print("note:", note)
     targets = check_targets(rows) if not args.quick and cfg.dtype == "float32" else []
     for text, ok in targets:
         print(f"target {'met ' if ok else 'MISSED'}: {text}")
-    result = dict(command=shlex.join(["python", "bench.py", *argv]), hardware=dict(
+    result = dict(command=shlex.join(["python", "-m", "lab.bench", *argv]), hardware=dict(
                       machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
                       python=platform.python_version(),
                       cuda=torch.cuda.get_device_name(0) if cfg.device == "cuda" else None,
@@ -371,16 +449,14 @@ def main(argv=None):
     except ImportError:
         pass
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(args.json, result)   # atomic, strict JSON; creates the folder
         print("wrote", args.json)
     return result
 
 
 # ----------------------------------------------------------------------------- expert parallelism
-# python bench.py --expert-parallel [--world-sizes 1 2 4] [--json PATH] [--txt PATH]
-# How many bytes the expert-parallel layer (ecmoe.MoE(expert_parallel_group=...)) moves and how
+# python -m lab.bench --expert-parallel [--world-sizes 1 2 4] [--json PATH] [--txt PATH]
+# How many bytes the expert-parallel layer (moe.parallel.shard_layer of a router-table layer) moves and how
 # long its all-to-alls take against the whole layer, for W processes on CPU (gloo). Weak scaling:
 # every rank has the same n tokens (one routing group) and all ranks together hold e experts, so
 # every rank runs the same expert work n*c slots whatever W is. W = 1 is the plain layer.
@@ -398,7 +474,7 @@ class EPConfig:
     capacity_factor: float = 2.0  # c
     d_model: int = 256  # d
     d_expert: int = 512  # f
-    router: str = "expert_choice"
+    router: str = "ec2"  # a name of the router table (moe/routers.py); --capacity-factor overrides its c
     repeats: int = 7
     seed: int = 0
 
@@ -409,7 +485,8 @@ EP_FLAGS = dict(world_sizes=(_number(int, 1), "process counts W to measure"),
                 capacity_factor=(_number(float, 0, strict=True), "capacity factor c"),
                 d_model=(_number(int, 1), "model width d"),
                 d_expert=(_number(int, 1), "expert width f"),
-                router=(ecmoe.ROUTERS, "router"),
+                router=(tuple(r for r, spec in ROUTERS.items() if spec.layer is not None),
+                        "router (moe/routers.py; its c is replaced by --capacity-factor)"),
                 repeats=(_number(int, 1), "repeats (median reported)"),
                 seed=(_number(int, 0), "weight/input seed"))
 EP_QUICK = dict(world_sizes=[1, 2], tokens=64, experts=4, d_model=16, d_expert=32, repeats=2)
@@ -427,7 +504,7 @@ def exchange_bytes(slots, d, W, bytes_per_elem):
 
 
 class _TimedAllToAll(torch.autograd.Function):
-    """ecmoe's all-to-all with a stopwatch around each exchange (gloo on CPU is synchronous)."""
+    """moe.parallel's all-to-all with a stopwatch around each exchange (gloo on CPU is synchronous)."""
     seconds, calls = 0.0, 0
 
     @staticmethod
@@ -458,12 +535,15 @@ def _ep_worker(rank, W, init_file, cfg, out_dir):
     if W > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
         group = dist.group.WORLD
-        ecmoe.all_to_all = lambda x, g: _TimedAllToAll.apply(x, g)  # time the layer's own calls
+        parallel.all_to_all = lambda x, g: _TimedAllToAll.apply(x, g)  # time the layer's own calls
     torch.manual_seed(cfg["seed"])
     n, d = cfg["tokens"], cfg["d_model"]
-    layer = ecmoe.MoE(d, cfg["d_expert"], cfg["experts"], router=cfg["router"],
-                      capacity_factor=cfg["capacity_factor"], group="batch",
-                      max_iter=100, expert_parallel_group=group)
+    capped = ROUTERS[cfg["router"]].layer is CappedMoE
+    layer = make_layer(cfg["router"], d, cfg["d_expert"], cfg["experts"],
+                       capacity_factor=cfg["capacity_factor"], group="batch",
+                       **(dict(max_iter=100) if capped else {}))
+    if W > 1:
+        parallel.shard_layer(layer, group)  # this rank keeps experts [r e/W, (r+1) e/W)
     x = torch.randn(1, n, d, generator=torch.Generator().manual_seed(cfg["seed"] + rank),
                     requires_grad=True)
     with torch.no_grad():  # the slots per expert this layer uses (s = k for expert choice)
@@ -493,8 +573,7 @@ def _ep_worker(rank, W, init_file, cfg, out_dir):
             alone_s.append(alone)
     result = dict(rank=rank, slots_per_expert=slots, calls=calls, layer_s=layer_s,
                   in_layer_s=in_layer_s, alone_s=alone_s)
-    with open(os.path.join(out_dir, f"W{W}_rank{rank}.json"), "w") as fh:
-        json.dump(result, fh)
+    write_json(os.path.join(out_dir, f"W{W}_rank{rank}.json"), result)
     if W > 1:
         dist.destroy_process_group()
 
@@ -508,7 +587,7 @@ def ep_measure(cfg, out_dir):
             raise ValueError(f"--world-sizes: {W} does not divide --experts {cfg.experts}")
         tmp.spawn(_ep_worker, args=(W, os.path.join(out_dir, f"init{W}"), asdict(cfg), out_dir),
                   nprocs=W, join=True)
-        ranks = [json.load(open(os.path.join(out_dir, f"W{W}_rank{r}.json"))) for r in range(W)]
+        ranks = [read_json(os.path.join(out_dir, f"W{W}_rank{r}.json"), "rank result") for r in range(W)]
         s = ranks[0]["slots_per_expert"]
         slots = cfg.experts * s  # G*e*s with G = 1 group per rank
         sent = exchange_bytes(slots, cfg.d_model, W, 4)
@@ -550,9 +629,9 @@ def paper_scale_lines():
 
 
 def ep_main(argv):
-    """bench.py --expert-parallel: measure, print a table, write --json / --txt."""
+    """python -m lab.bench --expert-parallel: measure, print a table, write --json / --txt."""
     defaults = asdict(EPConfig())
-    parser = argparse.ArgumentParser(prog="bench.py --expert-parallel",
+    parser = argparse.ArgumentParser(prog="python -m lab.bench --expert-parallel",
                                      description="bytes and time of the expert-parallel exchange",
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--expert-parallel", action="store_true", help="this mode")
@@ -597,21 +676,19 @@ def ep_main(argv):
               "processes share cores, so layer times grow with W for that reason alone.",
               ""] + paper_scale_lines()
     wall = time.time() - t_start
-    lines.append(f"command: {shlex.join(['python', 'bench.py', *argv])}  (wall time {wall:.0f} s)")
+    lines.append(f"command: {shlex.join(['python', '-m', 'lab.bench', *argv])}  (wall time {wall:.0f} s)")
     print("\n".join(lines))
-    result = dict(command=shlex.join(["python", "bench.py", *argv]),
+    result = dict(command=shlex.join(["python", "-m", "lab.bench", *argv]),
                   hardware=dict(processor=cpu_name(), cpu_count=os.cpu_count(),
                                 python=platform.python_version()),
                   torch=torch.__version__, backend="gloo", threads_per_process=1, dtype="float32",
                   load_average_before=load,
                   config=asdict(cfg), k=k, rows=rows, paper_scale=dict(
                       assumptions=PAPER_SCALE, lines=paper_scale_lines()), wall_s=wall)
-    for path, write in ((args.json, lambda fh: json.dump(result, fh, indent=2)),
-                        (args.txt, lambda fh: fh.write("\n".join(lines) + "\n"))):
+    for path, write in ((args.json, lambda p: write_json(p, result)),
+                        (args.txt, lambda p: write_text(p, "\n".join(lines) + "\n"))):
         if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as fh:
-                write(fh)
+            write(path)   # atomic; creates the folder
             print("wrote", path)
     return result
 

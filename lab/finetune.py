@@ -6,22 +6,23 @@ What it does
     EC-CF2 85.0). GLUE cannot be downloaded here, so this file builds a small downstream suite
     from the Python standard library source (parsed with `ast`) and fine-tunes every finished
     train_tiny run (every router, every seed) on it with one recipe, then compares the routers
-    paired by seed, with a positive and a null control.
+    paired by seed, with a positive and a null control judged by the analysis plan's rules
+    (docs/analysis_plan.md, lab/stats.py).
 
 Run
     python train_tiny.py --routers top1,top2,ec1,ec2,top2_dropless,dense,top2_aa --out runs/ft
-    python finetune.py runs/ft                 # every router and seed of the run, 3 tasks
+    python -m lab.finetune runs/ft             # every router and seed of the run, 3 tasks
                                                # (+ scratch); ~8 min on 2 CPU cores for 7
                                                # routers x 3 seeds (extrapolated from a
                                                # measured 5-model, 1-seed run: 109 s)
-    python finetune.py runs/ft --help          # every flag with its default
-    python finetune.py runs/ft --resume        # skip the (router, seed, task) already finished
-    python finetune.py runs/dry --dry-run      # 2 steps per task on a tiny suite, for tests/CI
+    python -m lab.finetune runs/ft --help      # every flag with its default
+    python -m lab.finetune runs/ft --resume    # skip the (router, seed, task) already finished
+    python -m lab.finetune runs/dry --dry-run  # 2 steps per task on a tiny suite, for tests/CI
                                                # (runs/dry: train_tiny.py --dry-run --out runs/dry)
 
 The task suite (built in ~3-5 s on 2 cores, deterministic: numpy default_rng with fixed seeds)
-    Pretraining (train_tiny.load_corpus) holds out every 20th stdlib file (i % 20 == 10 of the
-    sorted list of train_tiny.stdlib_files()). Splits, by FILE:
+    Pretraining (lab.corpus.load_corpus) holds out every 20th stdlib file (i % 20 == 10 of the
+    sorted list of lab.corpus.stdlib_files()). Splits, by FILE:
         train       pretraining-train files (i % 20 != 10): seen in pretraining, as GLUE's
                     training text may be; only the task format is new
         validation  held-out files 0, 2, 4, ... (of the sorted held-out list)
@@ -67,14 +68,17 @@ Fine-tuning recipe (one for every run; the defaults below are the committed reci
     Both --arch modes of the pretraining run: lm (sequence = prompt then answer) and t5 (encoder
     gets the prompt, decoder produces the answer, starting from PAD as in pretraining).
 
-Controls
+Controls (the rules are the analysis plan's, docs/analysis_plan.md v1: lab.stats
+positive_control and null_control, applied to test scores, where higher is better)
     positive  "scratch": the same fine-tuning from a randomly initialised (train_tiny
               .init_weights, per seed) dense model. Pretrained dense must beat it, paired by
-              seed, by compare.py's rule (95% CI above 0 and mean >= 2 sd of the paired
-              differences); where it does not, pretraining does not show on that task and the
-              task cannot rank pretrained routers.
+              seed: passes when pretrained dense scores higher and the 95% t interval of the
+              paired differences excludes 0 (stats.positive_control; one seed: not judged).
+              Where it does not, pretraining does not show on that task and the task cannot
+              rank pretrained routers.
     null      top2_aa (same router and init as top2, pretrained on another data order) vs top2:
-              must come out null.
+              must come out null; fails exactly when the 95% t interval of the paired
+              differences excludes 0 (stats.null_control, one test; one seed: not judged).
 
 Outputs (written atomically into RUN_DIR, or --out): finetune_runs/TASK_ROUTER_sSEED.json as
 each fine-tuning finishes (--resume skips those), and at the end finetune.json (every raw score,
@@ -96,8 +100,6 @@ import dataclasses
 import functools
 import gc
 import hashlib
-import json
-import math
 import multiprocessing as mp
 import platform
 import shlex
@@ -110,45 +112,49 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import compare
 import train_tiny as tt
+from ecmoe import expert_capacity
+from lab import stats
+from lab.cli import check_out_dir, dataclass_parser, flag, given_flags
+from lab.corpus import stdlib_files
+from lab.files import atomic_write, clock, load_checkpoint, read_json, write_json, write_text
+from lab.runner import hardware
+from moe.capped import CappedMoE
+from moe.routers import ROUTERS, base_router, capacity_factor
+from moe.token_choice import LossFreeMoE
 
 PAD, EOS, BYTE0 = tt.PAD, tt.EOS, tt.BYTE0
 
 
-_f = tt._f                   # a dataclass field with its --help text
-
-
 @dataclass
 class Config:
-    run_dir: str = _f("", "pretraining run directory (train_tiny --out) holding "
-                      "models/ROUTER_sSEED.pt")
-    routers: str = _f("", "comma list of pretrained routers to fine-tune; empty = every router of "
-                      "RUN_DIR/results.json (else of RUN_DIR/models/)")
-    seeds: str = _f("", "comma list of seeds; empty = every seed of the run")
-    tasks: str = _f("ident,valid,root", "comma list of tasks from ident, valid, root")
-    no_scratch: bool = _f(False, "skip the positive control (dense from random init per seed)")
-    steps: int = _f(120, "fine-tuning steps per (router, seed, task)")
-    lr: float = _f(2e-3, "peak learning rate (linear warmup, then linear decay to 0)")
-    warmup: int = _f(12, "linear warmup steps")
-    batch_size: int = _f(32, "examples per step; evaluation uses the same (routing groups!)")
-    train_examples: int = _f(4096, "examples in each task's train split")
-    val_examples: int = _f(256, "examples in each validation split (fewer if the held-out files "
-                           "have fewer)")
-    test_examples: int = _f(1024, "examples in each test split (fewer if the held-out files have "
-                            "fewer)")
-    context_bytes: int = _f(40, "ident: bytes of code before the identifier in the prompt")
-    answer_bytes: int = _f(11, "ident: longest answer (rest of the identifier + EOS) in tokens; "
-                           "generation stops after this many")
-    stmt_bytes: int = _f(40, "valid / root: longest statement / expression in bytes")
-    out: str = _f("", "output directory; empty = RUN_DIR (dry run: RUN_DIR/finetune_dry_run)")
-    resume: bool = _f(False, "reuse the finished per-(router, seed, task) results in --out")
-    workers: int = _f(2, "worker processes (each torch.set_num_threads(--threads)); 1 = in-process")
-    threads: int = _f(1, "torch threads per worker")
-    device: str = _f("auto", "auto | cpu | cuda")
-    dry_run: bool = _f(False, "2 steps per task on a tiny suite (for tests / CI)")
+    run_dir: str = flag("", "pretraining run directory (train_tiny --out) holding "
+                        "models/ROUTER_sSEED.pt")
+    routers: str = flag("", "comma list of pretrained routers to fine-tune; empty = every router "
+                        "of RUN_DIR/results.json (else of RUN_DIR/models/)")
+    seeds: str = flag("", "comma list of seeds; empty = every seed of the run")
+    tasks: str = flag("ident,valid,root", "comma list of tasks from ident, valid, root")
+    no_scratch: bool = flag(False, "skip the positive control (dense from random init per seed)")
+    steps: int = flag(120, "fine-tuning steps per (router, seed, task)")
+    lr: float = flag(2e-3, "peak learning rate (linear warmup, then linear decay to 0)")
+    warmup: int = flag(12, "linear warmup steps")
+    batch_size: int = flag(32, "examples per step; evaluation uses the same (routing groups!)")
+    train_examples: int = flag(4096, "examples in each task's train split")
+    val_examples: int = flag(256, "examples in each validation split (fewer if the held-out files "
+                             "have fewer)")
+    test_examples: int = flag(1024, "examples in each test split (fewer if the held-out files have "
+                              "fewer)")
+    context_bytes: int = flag(40, "ident: bytes of code before the identifier in the prompt")
+    answer_bytes: int = flag(11, "ident: longest answer (rest of the identifier + EOS) in tokens; "
+                             "generation stops after this many")
+    stmt_bytes: int = flag(40, "valid / root: longest statement / expression in bytes")
+    out: str = flag("", "output directory; empty = RUN_DIR (dry run: RUN_DIR/finetune_dry_run)")
+    resume: bool = flag(False, "reuse the finished per-(router, seed, task) results in --out")
+    workers: int = flag(2, "worker processes (each torch.set_num_threads(--threads)); 1 = in-process")
+    threads: int = flag(1, "torch threads per worker")
+    device: str = flag("auto", "auto | cpu | cuda")
+    dry_run: bool = flag(False, "2 steps per task on a tiny suite (for tests / CI)")
 
 
 DRY_RUN = dict(steps=2, warmup=1, batch_size=4, train_examples=16, val_examples=6,
@@ -162,18 +168,17 @@ DATA_SEED = 31_337           # fine-tuning batch order: default_rng([DATA_SEED, 
 EVAL_SEED = tt.VAL_SEED      # torch seed during evaluation (top2_gshard's random draws)
 
 
-def build_parser(suppress_defaults=False):
-    return tt.dataclass_parser(
-        Config, "finetune.py", __doc__.split("\n\n")[0],
-        "dry run: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()), suppress_defaults,
-        positional=("run_dir",))
+def build_parser():
+    return dataclass_parser(
+        Config, "python -m lab.finetune", __doc__.split("\n\n")[0],
+        "dry run: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()), positional=("run_dir",))
 
 
 def parse_config(argv):
     """argv -> (Config, parser); --dry-run fills only the flags the user did not give."""
     parser = build_parser()
     cfg = Config(**vars(parser.parse_args(argv)))
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    given = given_flags(Config, argv, positional=("run_dir",))
     if cfg.dry_run:
         for k, v in DRY_RUN.items():
             if k not in given:
@@ -220,9 +225,9 @@ def validate(cfg, parser):
     if cfg.routers and SCRATCH in cfg.routers.split(","):
         parser.error(f"--routers: {SCRATCH!r} is the positive control, added unless "
                      "--no-scratch; not a pretrained router")
-    for flag in ("routers", "seeds"):
-        if getattr(cfg, flag) and not [x for x in getattr(cfg, flag).split(",") if x.strip()]:
-            parser.error(f"--{flag}: empty list {getattr(cfg, flag)!r}")
+    for name in ("routers", "seeds"):
+        if getattr(cfg, name) and not [x for x in getattr(cfg, name).split(",") if x.strip()]:
+            parser.error(f"--{name}: empty list {getattr(cfg, name)!r}")
     if cfg.seeds:
         try:
             [int(s) for s in cfg.seeds.split(",")]
@@ -456,7 +461,7 @@ def candidate_pools(context_bytes, answer_bytes, stmt_bytes):
     The expensive part of build_suite (~3 s); cached in memory (by the flags that shape it),
     so one process builds it once. The lists are never modified."""
     cfg = Config(context_bytes=context_bytes, answer_bytes=answer_bytes, stmt_bytes=stmt_bytes)
-    root, files = tt.stdlib_files()
+    root, files = stdlib_files()
     parts = split_files(files)
     sha = hashlib.sha256()
     pools = {s: {t: [] for t in TASKS} for s in SPLITS}
@@ -559,16 +564,10 @@ def make_batch(data, idx, arch):
 
 def finetune_loss(model, batch, cfg_pre):
     """Cross-entropy on the answer tokens + the router losses of pretraining (same weights):
-    z_loss_weight * z-loss for every MoE layer, aux_loss_weight * load-balancing loss for token
-    choice. -> (ce, loss)."""
-    *inputs, tgt = batch
-    logits, outs = model(*inputs)                                         # [B, T, V]
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
-    loss = ce
-    for o, (_, moe) in zip(outs, model.moe_layers()):
-        loss = loss + cfg_pre.z_loss_weight * o.z_loss
-        if moe.router in tt.TOKEN_CHOICE:
-            loss = loss + cfg_pre.aux_loss_weight * o.aux_loss
+    train_tiny.loss_fn, i.e. z_loss_weight * z-loss for every MoE layer, aux_loss_weight *
+    load-balancing loss for token choice. Targets -100 (everything but the answers) are ignored
+    (F.cross_entropy's default ignore_index). -> (ce, loss)."""
+    ce, loss, _ = tt.loss_fn(model, batch, cfg_pre)
     return ce, loss
 
 
@@ -676,7 +675,8 @@ def file_sha256(path):
 
 
 def code_sha256():
-    """This file + train_tiny.py + ecmoe.py (what decides a fine-tuning result)."""
+    """This file + the files train_tiny.code_sha256 hashes (train_tiny.CODE: the trainer, the
+    layers, the model): what decides a fine-tuning result."""
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(tt.code_sha256().encode())
     return h.hexdigest()
@@ -693,14 +693,19 @@ def result_path(out, task, router, seed):
 
 
 def pretrain_config(run_dir):
-    """The pretraining Config of RUN_DIR (results.json, else the first saved model's)."""
+    """The pretraining Config of RUN_DIR (results.json, else the first saved model's); fields
+    this version of train_tiny does not know are left out (as train_tiny.load_model does).
+    FileNotFoundError if RUN_DIR has neither; ValueError naming an unreadable file."""
     res = Path(run_dir) / "results.json"
     if res.exists():
-        return tt.Config(**json.loads(res.read_text())["config"])
-    models = sorted((Path(run_dir) / "models").glob("*.pt"))
-    if not models:
-        raise FileNotFoundError(f"{run_dir}: no results.json and no models/*.pt")
-    return tt.Config(**torch.load(models[0], weights_only=True, map_location="cpu")["config"])
+        saved = read_json(res, "results file", ("config",))["config"]
+    else:
+        models = sorted((Path(run_dir) / "models").glob("*.pt"))
+        if not models:
+            raise FileNotFoundError(f"{run_dir}: no results.json and no models/*.pt")
+        saved = load_checkpoint(models[0], ("config",), "saved model")["config"]
+    fields = {f.name for f in dataclasses.fields(tt.Config)}
+    return tt.Config(**{k: v for k, v in saved.items() if k in fields})
 
 
 def load_for_finetuning(run_dir, router, seed, device):
@@ -742,6 +747,9 @@ def finetune_one(cfg, router, seed, task_name, suite):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            for _, moe in model.moe_layers():  # loss-free balancing: once per optimizer step
+                if isinstance(moe, LossFreeMoE):
+                    moe.update_bias()
             losses.append(ce.detach())
         train_time = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -755,7 +763,7 @@ def finetune_one(cfg, router, seed, task_name, suite):
                       train_time=train_time, eval_time=time.perf_counter() - t1,
                       s_per_step=train_time / cfg.steps, arch=cfg_pre.arch,
                       config=result_config(cfg, data["sha256"], model_sha))
-        tt._write_json(result_path(cfg.out, task_name, router, seed), result)
+        write_json(result_path(cfg.out, task_name, router, seed), result)
         return result
     finally:
         torch.set_num_threads(old_threads)
@@ -781,6 +789,7 @@ PAIRS = (("ec1", "top1"), ("ec2", "top2"), ("ec2", "top2_dropless"), ("ec2", "de
 POSITIVE = ("dense", SCRATCH)      # pretrained dense - the same model never pretrained
 NULL = ("top2_aa", "top2")
 AVERAGE = "average"                # mean over the tasks of one run (GLUE's average score)
+PLAN = f"rule of analysis plan v{stats.PLAN_VERSION}, docs/analysis_plan.md"   # the controls' rules
 
 
 def scores_by(runs, split="test"):
@@ -802,13 +811,14 @@ def scores_by(runs, split="test"):
 
 def paired_diff(a, b):
     """Challenger minus baseline scores ({seed: score} each), paired by seed -> dict with the
-    per-seed differences, their mean and 95% t interval, and wins / ties / losses."""
+    per-seed differences, wins / ties / losses, and stats.paired_t of the differences (n, mean,
+    95% t interval lo / hi, sd, two-sided p; lo, hi, sd and p are None with one seed)."""
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
     out = dict(seeds=seeds, per_seed=d, wins=sum(x > 0 for x in d), ties=sum(x == 0 for x in d),
                losses=sum(x < 0 for x in d))
     if seeds:
-        out.update(compare.t_stats(d))
+        out.update(stats.paired_t(d))
     return out
 
 
@@ -817,8 +827,8 @@ def analyse(res):
     test, val = scores_by(res["runs"]), scores_by(res["runs"], "val")
     tasks = [t for t in res["tasks"] if t in test] + ([AVERAGE] if AVERAGE in test else [])
     order = [r for r in res["routers"] if any(r in test[t] for t in tasks)]
-    routers = {t: {rt: dict(test=compare.t_stats(list(test[t][rt].values())),
-                            val=compare.t_stats(list(val[t][rt].values())), per_seed=test[t][rt])
+    routers = {t: {rt: dict(test=stats.paired_t(list(test[t][rt].values())),   # mean, t interval
+                            val=stats.paired_t(list(val[t][rt].values())), per_seed=test[t][rt])
                    for rt in order if rt in test[t]} for t in tasks}
 
     def pair(a, b, role):
@@ -831,19 +841,20 @@ def analyse(res):
         n_tasks = len([t for t in by_task if t != AVERAGE])
         return dict(challenger=a, baseline=b, role=role, by_task=by_task, n_tasks=n_tasks,
                     wins_per_seed=per_seed,
-                    wins_summary=compare.t_stats(list(per_seed.values())) if per_seed else None)
+                    wins_summary=stats.paired_t(list(per_seed.values())) if per_seed else None)
 
     have = set(order)
     pairs = [pair(a, b, "comparison") for a, b in PAIRS if a in have and b in have]
     positive = pair(*POSITIVE, "positive control") if set(POSITIVE) <= have else None
     null = pair(*NULL, "null control") if set(NULL) <= have else None
-    if positive:          # compare.py's rule, with the sign of a score (higher = better)
+    # The analysis plan's control rules (lab/stats.py): True / False, None = one seed (not judged).
+    if positive:          # the plan's rule is for losses (< 0 = better): scores flip the sign
         for t, d in positive["by_task"].items():
-            d["passes"] = bool(d.get("n", 0) > 1 and compare.positive_control_passes(
-                dict(mean=-d["mean"], lo=-d["hi"], hi=-d["lo"], sd=d["sd"])))
+            d["passes"] = stats.positive_control([-x for x in d["per_seed"]])["passed"] \
+                if d["per_seed"] else None
     if null:
         for t, d in null["by_task"].items():
-            d["null_ok"] = bool(d.get("n", 0) > 1 and d["lo"] <= 0 <= d["hi"])
+            d["null_ok"] = stats.null_control(d["per_seed"])["passed"] if d["per_seed"] else None
     a = dict(tasks=tasks, routers=routers, pairs=pairs, positive=positive, null=null)
     a["verdict"] = verdict(res, a)
     return a
@@ -871,21 +882,26 @@ def verdict(res, a):
     real = [t for t in a["tasks"] if t != AVERAGE]
     if pos:
         ok = [t for t in real if pos["by_task"].get(t, {}).get("passes")]
-        lines.append(f"Positive control (pretrained dense - scratch dense, test score; passes "
-                     "when the 95% CI is above 0 and the mean >= 2 sd of the paired "
-                     f"differences): passes on {len(ok)} of {len(real)} tasks "
-                     f"({', '.join(ok) or 'none'}); "
-                     + "; ".join(f"{t} {_ci(pos['by_task'][t])} pts" for t in a["tasks"]
-                                 if t in pos["by_task"])
+        unjudged = [t for t in real if t in pos["by_task"] and pos["by_task"][t]["passes"] is None]
+        lines.append(f"Positive control (pretrained dense - scratch dense, test score; {PLAN}: "
+                     "passes when pretrained dense scores higher and the 95% t interval of the "
+                     "paired differences excludes 0): passes on "
+                     f"{len(ok)} of {len(real)} tasks ({', '.join(ok) or 'none'})"
+                     + (f", not judged on {', '.join(unjudged)} (one seed)" if unjudged else "")
+                     + "; " + "; ".join(f"{t} {_ci(pos['by_task'][t])} pts" for t in a["tasks"]
+                                        if t in pos["by_task"])
                      + ". Tasks where it fails cannot show an effect of pretraining.")
     else:
         lines.append("Positive control missing (needs dense and scratch runs).")
     if null:
-        bad = [t for t in a["tasks"] if t in null["by_task"] and not null["by_task"][t].get(
-            "null_ok")]
-        lines.append("Null control (top2_aa - top2): " + ("no difference on any task, as it "
-                     "must" if not bad else f"INTERVAL EXCLUDES 0 on {', '.join(bad)}: "
-                     "differences of that size are noise") + "; "
+        checked = [t for t in a["tasks"] if t in null["by_task"]]
+        bad = [t for t in checked if null["by_task"][t]["null_ok"] is False]
+        unjudged = [t for t in checked if null["by_task"][t]["null_ok"] is None]
+        word = (f"INTERVAL EXCLUDES 0 on {', '.join(bad)}: differences of that size are noise"
+                if bad else f"not judged on {', '.join(unjudged)} (one seed)" if unjudged else
+                "no difference on any task, as it must")
+        lines.append(f"Null control (top2_aa - top2; {PLAN}: fails exactly when the 95% t "
+                     "interval excludes 0): " + word + "; "
                      + "; ".join(f"{t} {_ci(d)} pts" for t, d in null["by_task"].items()) + ".")
     else:
         lines.append("Null control missing (needs top2 and top2_aa).")
@@ -983,7 +999,7 @@ def plot(path, res):
         rows = list(a["routers"][t].items())
         for i, (rt, row) in enumerate(rows):
             m, lo, hi = row["test"]["mean"], row["test"]["lo"], row["test"]["hi"]
-            err = [[m - lo if math.isfinite(lo) else 0], [hi - m if math.isfinite(hi) else 0]]
+            err = [[0 if lo is None else m - lo], [0 if hi is None else hi - m]]   # 1 seed: none
             ax.errorbar([i], [m], yerr=err, fmt="o", capsize=3)
             ax.plot([i] * len(row["per_seed"]), list(row["per_seed"].values()), ".",
                     color="gray", alpha=0.5)
@@ -1006,8 +1022,8 @@ def plot(path, res):
                 continue
             xs.append(i + (j - (len(tasks) - 1) / 2) * width)
             ms.append(d["mean"])
-            errs[0].append(d["mean"] - d["lo"] if math.isfinite(d["lo"]) else 0)
-            errs[1].append(d["hi"] - d["mean"] if math.isfinite(d["hi"]) else 0)
+            errs[0].append(0 if d["lo"] is None else d["mean"] - d["lo"])
+            errs[1].append(0 if d["hi"] is None else d["hi"] - d["mean"])
         bx.errorbar(xs, ms, yerr=errs, fmt="o", capsize=3, label=t)
     bx.axhline(0, color="black", lw=0.8)
     bx.set_xticks(range(len(rows)), [f"{p['challenger']} - {p['baseline']}"
@@ -1021,7 +1037,7 @@ def plot(path, res):
     fig.suptitle(f"fine-tuning of {pre['run_dir']} ({pre['arch']}), seeds "
                  f"{', '.join(map(str, res['seeds']))}: {res['recipe'][:110]}...", fontsize=8)
     fig.tight_layout()
-    tt._atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -1035,10 +1051,10 @@ def resolve_run(cfg, parser):
     if not run.is_dir():
         parser.error(f"RUN_DIR: {cfg.run_dir!r} is not a directory")
     res_path = run / "results.json"
-    res = json.loads(res_path.read_text()) if res_path.exists() else {}
     try:
+        res = read_json(res_path, "results file") if res_path.exists() else {}
         cfg_pre = pretrain_config(run)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(f"RUN_DIR: {e}")
     if cfg_pre.data:
         parser.error(f"RUN_DIR: pretrained on --data {cfg_pre.data!r}; the suite's held-out "
@@ -1064,9 +1080,11 @@ def resolve_run(cfg, parser):
                      f"--group-size {cfg_pre.group_size} sequences, which must divide it")
     n = cfg_pre.group_size or B                     # tokens per position group
     for rt in routers:
-        if tt.base_router(rt) in ("cap2", "cap3"):
-            _, c, b = tt.ROUTER_SPEC[tt.base_router(rt)]
-            k = tt.ecmoe.expert_capacity(n, cfg_pre.experts, c)    # the layer's own k
+        spec = ROUTERS.get(base_router(rt))
+        if spec is not None and spec.layer is CappedMoE:           # the router table's cap b
+            b = spec.options["max_experts_per_token"]
+            c = capacity_factor(rt, cfg_pre.capacity_factor)         # the layer's c and k
+            k = expert_capacity(n, cfg_pre.experts, c)
             if b * n < k * cfg_pre.experts:
                 parser.error(f"--batch-size {B}: {rt} is infeasible in position groups of {n} "
                              f"tokens (need b*n >= k*e)")
@@ -1080,7 +1098,7 @@ def main(argv=None):
     t_start = time.time()
     cfg, parser = parse_config(argv)
     pre, routers, seeds = resolve_run(cfg, parser)
-    tt.check_out_dir(cfg.out, parser)
+    check_out_dir(cfg.out, parser)
     tasks = task_list(cfg)
     t0 = time.time()
     try:
@@ -1097,7 +1115,7 @@ def main(argv=None):
     for r, s, t in jobs:
         path = result_path(cfg.out, t, r, s)
         if cfg.resume and path.exists():
-            prev = json.loads(path.read_text())
+            prev = read_json(path, "fine-tuning result", ("config",))
             sha = f"init_weights(seed={s})" if r == SCRATCH else \
                 file_sha256(tt.model_path(cfg.run_dir, r, s))
             expected = result_config(cfg, suite["tasks"][t]["sha256"], sha)
@@ -1122,8 +1140,8 @@ def main(argv=None):
         print(f"[{i:>3}/{len(todo)}] {r['task']:>5} {r['router']:>13} s{r['seed']}: test "
               f"{r['test']:5.1f}  val {r['val']:5.1f}  (baseline "
               f"{suite['tasks'][r['task']]['baseline']['test']:.1f})  {r['s_per_step']:.3f} "
-              f"s/step, eval {r['eval_time']:.0f} s  elapsed {tt._clock(elapsed)} ETA "
-              f"{tt._clock(eta)}", flush=True)
+              f"s/step, eval {r['eval_time']:.0f} s  elapsed {clock(elapsed)} ETA "
+              f"{clock(eta)}", flush=True)
 
     if cfg.workers == 1 or len(todo) <= 1:
         for i, (r, s, t) in enumerate(todo):
@@ -1137,7 +1155,7 @@ def main(argv=None):
             for i, f in enumerate(as_completed(futures)):
                 results.append(f.result())
                 show(i + 1, results[-1])
-    res = dict(command=shlex.join(["python", "finetune.py", *argv]),
+    res = dict(command=shlex.join(["python", "-m", "lab.finetune", *argv]),
                config=dataclasses.asdict(cfg), pretraining=pre, routers=all_routers,
                seeds=seeds, tasks=tasks,
                recipe=(f"AdamW (beta 0.9/0.95, no weight decay, grad-clip 1.0), lr {cfg.lr:g}, "
@@ -1146,7 +1164,8 @@ def main(argv=None):
                        "losses of pretraining; routing and capacity factor as in pretraining "
                        "(position groups over the fine-tuning batch), also at evaluation "
                        "(same batch size); val and test scored once after the last step"),
-               suite=suite_summary(suite), hardware=tt.hardware(cfg),
+               suite=suite_summary(suite),
+               hardware=hardware(cfg.device, cfg.workers, cfg.threads),
                versions=dict(python=platform.python_version(), torch=torch.__version__,
                              numpy=np.__version__, code_sha256=code_sha256()),
                wall_time_s=time.time() - t_start,
@@ -1154,8 +1173,8 @@ def main(argv=None):
                runs=sorted(results, key=lambda r: (r["task"], r["router"], r["seed"])))
     res["analysis"] = analyse(res)
     out = Path(cfg.out)
-    tt._write_json(out / "finetune.json", res)
-    tt._atomic_write(out / "finetune.md", lambda p: Path(p).write_text(markdown(res)))
+    write_json(out / "finetune.json", res)
+    write_text(out / "finetune.md", markdown(res))
     plot(out / "finetune.png", res)
     print("\n".join(f"* {line}" for line in res["analysis"]["verdict"]))
     print(f"wrote {out / 'finetune.json'}, {out / 'finetune.md'}, {out / 'finetune.png'}")
