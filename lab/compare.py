@@ -53,16 +53,15 @@ def analyse(res):
 
 def verdict(res, j):
     """Plain sentences, the headline first: could this run set see a difference, then what it saw."""
-    dry = res["config"].get("dry_run")
+    if res["config"].get("dry_run"):
+        return ["Dry run (a few steps of a tiny model): the numbers test the plumbing, no verdict."]
     word = {True: "passed", False: "FAILED", None: "not judged (one seed)"}
     pc = j["positive_control"]
     lines = [f"Positive control {pc['pair']} = {stats.describe(pc)}: {word[pc['passed']]}."
              if pc else "No positive control (dense and top2 or ec2) in this run set."]
     lines += [f"Null control {s['pair']} = {stats.describe(s)}: {word[s['passed']]}."
               for s in j["null_controls"]]
-    if dry:
-        lines.insert(0, "Dry run (a few steps of a tiny model): the numbers test the plumbing, no verdict.")
-    elif not j["interpretable"]:
+    if not j["interpretable"]:
         lines.append(f"INCONCLUSIVE: {j['why']}; the pairs below cannot be read as router results.")
     lines += [s["sentence"] for s in j["pairs"]]
     if j["claim_2x"]:
@@ -380,7 +379,7 @@ def merge(run_dirs):
     added later) -> one results dict (analysis recomputed). ValueError if the configs differ or a
     (router, seed) appears twice. Each part's command, hardware and wall time are kept."""
     parts = [load(d) for d in run_dirs]
-    keys = [k for k in parts[0]["config"] if k not in ("seeds", "out", "workers", "resume")]
+    keys = [k for k in parts[0]["config"] if k not in ("seeds", "routers", "out", "workers", "resume")]
     for d, p in zip(run_dirs[1:], parts[1:]):
         diff = [k for k in keys if p["config"].get(k) != parts[0]["config"][k]]
         if diff:
@@ -392,8 +391,10 @@ def merge(run_dirs):
     seeds = sorted({r["seed"] for r in runs})
     res = dict(parts[0], runs=runs, seeds=seeds, config=dict(parts[0]["config"], seeds=",".join(map(str, seeds))),
                routers=sorted({r["router"] for r in runs}),
-               command=" + ".join(f"[part {i}: `{p['command']}`, seeds {p['config']['seeds']}]"
+               command=" + ".join(f"(part {i}, seeds {p['config']['seeds']}) {p['command']}"
                                   for i, p in enumerate(parts)),
+               analysis_by="python -m lab.compare " + " ".join(map(str, run_dirs)) + " --merge OUT "
+                           f"(judged under analysis plan v{stats.PLAN_VERSION})",
                hardware=dict(summary="; ".join(f"part {i}: {p['hardware']['summary']}"
                                                 for i, p in enumerate(parts))),
                wall_time_s=sum(p["wall_time_s"] for p in parts),

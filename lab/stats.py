@@ -422,8 +422,9 @@ def markdown(j):
 
     def num(x, f="{:.4f}"):
         return "-" if x is None else f.format(x)
+    roles = {id(pc): " (positive control)", **{id(s): " (null control)" for s in j["null_controls"]}}
     for s in rows:
-        out.append(f"| {s['pair']} | {s['n']} | {describe(s)} | {num(s['sd'])} | "
+        out.append(f"| {s['pair']}{roles.get(id(s), '')} | {s['n']} | {describe(s)} | {num(s['sd'])} | "
                    f"{num(s['p'], '{:.3g}')} | {num(s.get('p_holm'), '{:.3g}')} | "
                    f"{num(s['mde'])} | {num(s['seeds_for_goal'], '{}')} | "
                    + " | ".join(ratio_text(s["steps"][str(f)]) for f in TARGET_FRACTIONS) + " |")
