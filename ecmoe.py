@@ -380,16 +380,17 @@ class MoE(nn.Module):
             return Routing(gates, token_index, (token_index >= 0).sum(-1).float(), zero)
         gates, token_index = expert_choice(probs, k, validate=False)  # (Eq. 2) [G, e, k]
         if self.training:
-            self.update_threshold(gates)
+            self.update_threshold(gates.detach()[..., -1])  # each group's k-th best (slots best first)
         return Routing(gates, token_index, torch.full(gates.shape[:-1], float(k), device=probs.device), zero)
 
     @torch.no_grad()
-    def update_threshold(self, gates):
-        """EMA of each expert's k-th best score (gates[..., -1]: slots are best first), averaged
-        over the groups: an estimate of the expert's (1 - k/n) score quantile. No host sync."""
-        kth_best = self.mean_over_groups(gates.detach()[..., -1]).to(self.threshold.dtype)  # [e]
-        ema = self.threshold_decay * self.threshold + (1 - self.threshold_decay) * kth_best
-        self.threshold.copy_(torch.where(self.threshold_updates == 0, kth_best, ema))
+    def update_threshold(self, cutoffs):
+        """EMA of each expert's cutoff, cutoffs [G, e] averaged over the groups (expert choice:
+        each group's k-th best score, an estimate of the expert's (1 - k/n) score quantile); the
+        first update sets it. No host sync."""
+        cutoff = self.mean_over_groups(cutoffs).to(self.threshold.dtype)  # [e]
+        ema = self.threshold_decay * self.threshold + (1 - self.threshold_decay) * cutoff
+        self.threshold.copy_(torch.where(self.threshold_updates == 0, cutoff, ema))
         self.threshold_updates.add_(1)
 
     def mean_over_groups(self, v):

@@ -79,7 +79,7 @@ class ExpertThresholdMoE(GroupedExperts, MoE):
         # (b) token t -> expert i iff S[t, i] >= tau_i: no other token of the batch involved
         gates, token_index = threshold_choice(probs, threshold, validate=False)  # [G, e, s]
         if self.training:
-            self.update_threshold(cutoff)  # only now: this forward routed without its own cutoff
+            self.update_threshold(cutoff[None])  # only now: this forward routed without its own cutoff
         demand = (token_index >= 0).sum(-1).float()  # (d) [G, e] tokens each expert took
         return Routing(gates, token_index, demand, probs.new_zeros(()))
 
@@ -90,13 +90,3 @@ class ExpertThresholdMoE(GroupedExperts, MoE):
         S_T = probs.detach().reshape(-1, probs.shape[-1]).T  # [e, G*n]
         k_all = expert_capacity(S_T.shape[1], S_T.shape[0], self.capacity_factor)
         return torch.topk(S_T, k_all, dim=-1, sorted=False).values.amin(-1)  # [e] k_all-th best
-
-    @torch.no_grad()
-    def update_threshold(self, cutoff):
-        """tau <- decay * tau + (1 - decay) * cutoff; the first update sets tau = cutoff. cutoff [e]
-        (expert parallelism: the processes' mean). Overrides ecmoe.MoE's, which takes expert
-        choice's gates; only route calls it."""
-        cutoff = self.mean_over_groups(cutoff[None]).to(self.threshold.dtype)  # [e]
-        ema = self.threshold_decay * self.threshold + (1 - self.threshold_decay) * cutoff
-        self.threshold.copy_(torch.where(self.threshold_updates == 0, cutoff, ema))
-        self.threshold_updates.add_(1)

@@ -1095,9 +1095,9 @@ def test_threshold_ema_moves_in_a_bfloat16_layer():
     with torch.no_grad():
         layer.threshold.fill_(0.10)
         layer.threshold_updates.fill_(1)  # past the first update (which sets the EMA outright)
-    gates = torch.full((2, 4, 3), 0.11)  # every expert's k-th best score (the last slot) is 0.11
+    cutoffs = torch.full((2, 4), 0.11)  # every group's k-th best score of every expert is 0.11
     for _ in range(1000):
-        layer.update_threshold(gates)
+        layer.update_threshold(cutoffs)
     exact = 0.11 - 0.01 * 0.99 ** 1000  # 0.1099996
     torch.testing.assert_close(layer.threshold, torch.full((4,), exact), rtol=0, atol=1e-6)
     stalled = torch.tensor(0.10, dtype=torch.bfloat16)  # the same EMA kept in bf16: the bug
