@@ -24,13 +24,16 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-PLAN_VERSION = "1"
+PLAN_VERSION = "2"            # v2 = v1 + the four issue-18 pairs in COMPARISONS (docs/analysis_plan.md)
 ALPHA = 0.05                  # two-sided level of every interval and test
 POWER = 0.8                   # the power at which the MDE is quoted
 MDE_GOAL = 0.015              # nats: the resolution seeds_needed() plans for
 COMPARISONS = (("ec1", "top1"), ("ec2", "top2"), ("cap2", "top2"), ("cap3", "top2"),
                ("ec2", "top2_dropless"), ("ec2", "top2_gshard"), ("top2_gshard", "top2"),
-               ("ec2", "dense"))            # (challenger, baseline): the family, where present
+               ("ec2", "dense"),
+               # v2: after expert choice (issue 18)
+               ("et2", "ec2"), ("et2", "top2"), ("et1", "top1"), ("top2_lossfree", "top2_dropless"))
+# (challenger, baseline): the family, where both routers are present
 POSITIVE_CONTROLS = (("top2", "dense"), ("ec2", "dense"))   # the first one present is THE control
 NULL_SUFFIX = "_aa"           # ROUTER_aa: ROUTER again, same initial weights, other data order
 TARGET_FRACTIONS = (0.5, 0.75, 1.0)
