@@ -379,9 +379,10 @@ def merge(run_dirs):
     added later) -> one results dict (analysis recomputed). ValueError if the configs differ or a
     (router, seed) appears twice. Each part's command, hardware and wall time are kept."""
     parts = [load(d) for d in run_dirs]
-    keys = [k for k in parts[0]["config"] if k not in ("seeds", "routers", "out", "workers", "resume")]
-    for d, p in zip(run_dirs[1:], parts[1:]):
-        diff = [k for k in keys if p["config"].get(k) != parts[0]["config"][k]]
+    run_only = ("seeds", "routers", "out", "workers", "threads", "resume", "stop_after", "preset")
+    for d, p in zip(run_dirs[1:], parts[1:]):  # flags both know (a newer trainer may add some)
+        keys = (parts[0]["config"].keys() & p["config"].keys()) - set(run_only)
+        diff = sorted(k for k in keys if p["config"][k] != parts[0]["config"][k])
         if diff:
             raise ValueError(f"{d}: config differs from {run_dirs[0]} in {diff}")
     runs = [dict(r, part=i) for i, p in enumerate(parts) for r in p["runs"]]
@@ -422,7 +423,7 @@ def write(out, res):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lab.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="+", help="train_tiny --out directories")
     p.add_argument("--markdown", action="store_true", help="print results.md text")
     p.add_argument("--plot", default="", help="write the figure of paired differences here")

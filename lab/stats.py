@@ -436,7 +436,7 @@ def markdown(j):
 
 def main(argv=None):
     """Print the judgment of each results.json given on the command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lab.stats", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files (train_tiny --out DIR)")
     p.add_argument("--json", action="store_true", help="print strict JSON instead of markdown")
     args = p.parse_args(argv)
