@@ -462,3 +462,22 @@ def test_bad_arguments_raise_clear_errors():
         layer(torch.randn(2, 3, 8))
     with pytest.raises(SystemExit):
         tt.parse_config(["--dry-run", "--bias-rate", "-1"])
+
+
+def test_expert_threshold_does_not_depend_on_the_routing_group():
+    """ET's outputs and learned thresholds are the same for group "position", "sequence" and
+    "batch" over several training forwards (float64): the group only lays tokens out in slots,
+    so a routing-group-size sweep cannot change ET (it does change expert choice)."""
+    layers = {g: layer_of("et2", group=g) for g in ("position", "sequence", "batch")}
+    for g in layers:  # the same weights in every layer
+        layers[g].load_state_dict(layers["position"].state_dict())
+    torch.manual_seed(5)
+    for step in range(4):
+        x = torch.randn(6, 5, 8, dtype=torch.float64)
+        outs = {g: layer.train()(x) for g, layer in layers.items()}
+        for g in ("sequence", "batch"):
+            torch.testing.assert_close(outs[g].y, outs["position"].y, rtol=0, atol=1e-12)
+            torch.testing.assert_close(layers[g].threshold, layers["position"].threshold, rtol=0, atol=1e-12)
+    ec = {g: layer_of("ec2", group=g) for g in ("position", "batch")}
+    ec["batch"].load_state_dict(ec["position"].state_dict())
+    assert not torch.allclose(ec["position"].train()(x).y, ec["batch"].train()(x).y)  # EC does move
