@@ -315,7 +315,7 @@ def test_controls_follow_the_analysis_plan():
     assert null["a"]["null_ok"] is True and null["b"]["null_ok"] is False
     assert null["b"]["null_ok"] is stats.null_control(null["b"]["per_seed"])["passed"]
     text = " ".join(a["verdict"])
-    assert "analysis plan v1" in text and "INTERVAL EXCLUDES 0 on b" in text
+    assert f"analysis plan v{stats.PLAN_VERSION}" in text and "INTERVAL EXCLUDES 0 on b" in text
     one = ft.analyse(scores_result({rt: {t: v[:1] for t, v in x.items()} for rt, x in table.items()}))
     assert one["positive"]["by_task"]["a"]["passes"] is None
     assert one["null"]["by_task"]["b"]["null_ok"] is None
@@ -338,7 +338,7 @@ def test_committed_report_still_reads(tmp_path):
     assert all(d["null_ok"] is True for d in again["null"]["by_task"].values())
     res["analysis"] = again
     md = ft.markdown(res)
-    assert "analysis plan v1" in md
+    assert f"analysis plan v{stats.PLAN_VERSION}" in md
     ft.plot(tmp_path / "f.png", res)
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -366,7 +366,7 @@ def test_dry_run_end_to_end_lm_and_resume(lm_run, capsys):
     assert saved["analysis"]["positive"]["challenger"] == "dense"
     assert saved["analysis"]["null"]["challenger"] == "top2_aa"
     assert saved["command"].startswith("python -m lab.finetune ")
-    assert "analysis plan v1" in md
+    assert f"analysis plan v{stats.PLAN_VERSION}" in md
     capsys.readouterr()
     again = ft.main([str(lm_run), "--dry-run", "--resume"])
     assert "(30 already done)" in capsys.readouterr().out

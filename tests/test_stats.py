@@ -1,4 +1,4 @@
-"""lab/stats.py (analysis plan v1) checked by simulation from the committed runs.
+"""lab/stats.py (the analysis plan) checked by simulation from the committed runs.
 
 Each simulated experiment draws validation curves from the shape and noise of a committed run set:
 the truth is the committed mean curve of top2 and top2_aa (the same router, so the same truth),
