@@ -341,8 +341,12 @@ def plot(path, res):
         if i < len(rows) - 1:
             bx.tick_params(labelbottom=False)
     bx.set_xlabel("training step", fontsize=8)
-    lo = min(min(np.nan_to_num(r["val_loss"], nan=9)) for r in res["runs"])
-    share.set_ylim(-0.08, 0.08) if lo < 5 else None
+    # one symmetric scale for every small panel, set by the late part of the curves (the first
+    # validations, where every run is far from converged, would squash the rest)
+    late = [abs(v) for ax_ in fig.axes[1:] for line in ax_.get_lines()[:1]
+            for v in line.get_ydata()[len(line.get_ydata()) // 4:]]
+    if late and np.isfinite(late).all():
+        share.set_ylim(-1.5 * max(late) - 1e-3, 1.5 * max(late) + 1e-3)
     cfg = res["config"]
     fig.suptitle(f"{cfg['arch']}, {cfg['steps']} steps, seeds {cfg['seeds']}: challenger - baseline, "
                  f"analysis plan v{j['plan_version']}", fontsize=10)
