@@ -63,7 +63,7 @@ from lab.cli import check_out_dir, dataclass_parser, flag, given_flags
 from lab.corpus import load_corpus
 from lab.distributed import World, join, leave, world_size
 from lab.evaluation import evaluate, expert_choice_layers, inference_eval, stat_vector, stats_dict
-from lab.files import load_checkpoint, save_checkpoint, strict, write_json, write_text
+from lab.files import load_checkpoint, save_checkpoint, strict, write_json
 from lab.model import DenseFFN, GatedGeluFFN, TinyLM, TinyT5
 from lab.runner import Progress, hardware, plan_jobs, run_jobs
 from moe.capped import CappedMoE
@@ -634,9 +634,7 @@ def train_all(cfg, parser, argv, world, t_start):
     res = strict(res)                     # what results.json holds: no NaN, no infinity
     write_json(out / "results.json", res)                  # the runs, even if the analysis fails
     res["analysis"] = compare.analyse(res)
-    write_json(out / "results.json", res)
-    write_text(out / "results.md", compare.markdown(res))
-    compare.plot(out / "differences.png", res)
+    compare.write(out, res)                               # results.json, results.md, differences.png
     print(compare.console_summary(res))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'differences.png'}")
     if cfg.quick:
