@@ -2,6 +2,7 @@
 
     python -m lab.stats assets/lm_pretrain/results.json          # the judgment as markdown
     python -m lab.stats assets/lm_pretrain/results.json --json   # the same as strict JSON
+    python -m lab.stats LONG/results.json --against SHORT/results.json   # v3: hold, flip or grow?
 
 The plan is docs/analysis_plan.md (version PLAN_VERSION); the constants below are its numbers.
 In short: the primary statistic of a pair is the paired difference of final validation loss,
@@ -24,7 +25,7 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-PLAN_VERSION = "2"            # v2 = v1 + the four issue-18 pairs in COMPARISONS (docs/analysis_plan.md)
+PLAN_VERSION = "3"            # v2 = v1 + the four issue-18 pairs; v3 = v2 + length_change (docs/analysis_plan.md)
 ALPHA = 0.05                  # two-sided level of every interval and test
 POWER = 0.8                   # the power at which the MDE is quoted
 MDE_GOAL = 0.015              # nats: the resolution seeds_needed() plans for
@@ -39,6 +40,8 @@ NULL_SUFFIX = "_aa"           # ROUTER_aa: ROUTER again, same initial weights, o
 TARGET_FRACTIONS = (0.5, 0.75, 1.0)
 PLATEAU_DROP = 0.02           # nats both curves must still fall between 0.75 f T and f T
 CLAIM_PAIR, CLAIM_RATIO = ("ec2", "top2"), 0.5   # the paper: EC-CF2 needs < half top-2's steps
+LENGTH_WORDS = ("flips", "grows", "shrinks", "holds", "not decided", "appears", "not resolved at either length",
+                "not judged (controls)")   # v3: length_change(), in the order the rules are tried
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +378,77 @@ def judge(results):
                 notes=notes)
 
 
+def welch(mean_a, sd_a, n_a, mean_b, sd_b, n_b, alpha=ALPHA):
+    """Difference of two independent means, a - b, from their summaries -> dict(mean, lo, hi, p,
+    df): Welch's t (unequal variances, Welch-Satterthwaite degrees of freedom), two-sided."""
+    if min(n_a, n_b) < 2 or sd_a is None or sd_b is None:
+        raise ValueError(f"welch needs n >= 2 and an sd on both sides, got n = {n_a}, {n_b}")
+    va, vb = sd_a ** 2 / n_a, sd_b ** 2 / n_b
+    mean, se = mean_a - mean_b, math.sqrt(va + vb)
+    if se == 0:
+        return dict(mean=mean, lo=mean, hi=mean, p=1.0 if mean == 0 else 0.0, df=None)
+    df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+    half = float(scipy.stats.t.ppf(1 - alpha / 2, df)) * se
+    return dict(mean=mean, lo=mean - half, hi=mean + half, df=df,
+                p=float(2 * scipy.stats.t.sf(abs(mean) / se, df)))
+
+
+def length_change(short, long):
+    """Plan v3: for each pair judged in both run sets, does the conclusion of the shorter run
+    (`short`, a judge() dict) hold, flip, grow or shrink in the longer one (`long`)?
+
+    change = long mean - short mean, with a Welch 95% interval (the two run sets train separate
+    models; seeds they share are not paired), its p-values Holm-corrected over the pairs here.
+    dir = the sign of a pair's mean where its own run set resolves it (Holm), else 0. In order:
+      flips    dir_short != 0 and dir_long = -dir_short
+      grows    dir_short != 0, dir_long = dir_short, and the change is resolved away from 0
+      shrinks  dir_short != 0 and the change is resolved towards 0
+      holds    dir_short != 0 and dir_long = dir_short (the change not resolved)
+      not decided                      dir_short != 0, dir_long = 0, the change not resolved
+      appears                          dir_short = 0, dir_long != 0
+      not resolved at either length    dir_short = dir_long = 0
+    Both run sets' controls must pass, else every pair reads "not judged (controls)".
+    -> list of dicts (pair, short, long: their mean/lo/hi/n/resolved, change: welch + p_holm +
+    resolved, word, sentence)."""
+    pairs_long = {s["pair"]: s for s in long["pairs"]}
+    both = [(s, pairs_long[s["pair"]]) for s in short["pairs"] if s["pair"] in pairs_long]
+    changes = []
+    for s, l in both:
+        ok = s["n"] >= 2 and l["n"] >= 2
+        changes.append(welch(l["mean"], l["sd"], l["n"], s["mean"], s["sd"], s["n"]) if ok else None)
+    holm_p = holm([c["p"] if c else None for c in changes])
+    judged = short["interpretable"] and long["interpretable"]
+    out = []
+    for (s, l), c, ph in zip(both, changes, holm_p):
+        def direction(x):
+            return int(math.copysign(1, x["mean"])) if x["resolved"] else 0
+        d_s, d_l = direction(s), direction(l)
+        moved = 0 if c is None or ph is None or ph >= ALPHA else int(math.copysign(1, c["mean"]))
+        if not judged:
+            word = "not judged (controls)"
+        elif d_s and d_l == -d_s:
+            word = "flips"
+        elif d_s and d_l == d_s and moved == d_s:
+            word = "grows"
+        elif d_s and moved == -d_s:
+            word = "shrinks"
+        elif d_s and d_l == d_s:
+            word = "holds"
+        elif d_s:
+            word = "not decided"
+        else:
+            word = "appears" if d_l else "not resolved at either length"
+        row = dict(pair=s["pair"], word=word,
+                   short={k: s[k] for k in ("n", "mean", "lo", "hi", "resolved")},
+                   long={k: l[k] for k in ("n", "mean", "lo", "hi", "resolved", "mde")},
+                   change=None if c is None else dict(c, p_holm=ph, resolved=bool(moved)))
+        change = "" if c is None else f"; change {describe(c)} (Holm p = {ph:.3g})"
+        row["sentence"] = (f"{s['pair']}: {word}: {describe(s)} ({s['n']} seeds) -> {describe(l)} "
+                           f"({l['n']} seeds){change}.")
+        out.append(row)
+    return out
+
+
 def seeds_report(results, goal=MDE_GOAL):
     """For the controls and the family of a results dict -> {pair: dict(n, sd, mde,
     seeds_needed)}: the measured paired sd and what it takes to resolve `goal` nats."""
@@ -434,12 +508,37 @@ def markdown(j):
     return "\n".join(out) + "\n"
 
 
+def length_markdown(rows):
+    """The rows of length_change() as a short markdown text."""
+    out = [f"## Does each conclusion hold at length? (analysis plan v{PLAN_VERSION}, `python -m "
+           "lab.stats LONG --against SHORT`)", "", "| pair | short run | long run | change "
+           "(long - short) [95% Welch CI] | Holm p | long-run MDE | verdict |", "|---" * 7 + "|"]
+    for r in rows:
+        c, mde_l = r["change"], r["long"]["mde"]
+        out.append(f"| {r['pair']} | {describe(r['short'])} | {describe(r['long'])} | "
+                   f"{'-' if c is None else describe(c)} | "
+                   f"{'-' if c is None else format(c['p_holm'], '.3g')} | "
+                   f"{'-' if mde_l is None else format(mde_l, '.4f')} | **{r['word']}** |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     """Print the judgment of each results.json given on the command line."""
     p = argparse.ArgumentParser(prog="python -m lab.stats", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files (train_tiny --out DIR)")
     p.add_argument("--json", action="store_true", help="print strict JSON instead of markdown")
+    p.add_argument("--against", metavar="SHORT", help="a shorter run set's results.json: say for "
+                   "each pair whether its conclusion holds, flips, grows or shrinks in each run set given")
     args = p.parse_args(argv)
+    if args.against:
+        with open(args.against) as fh:
+            short = judge(json.load(fh))
+        for path in args.results:
+            with open(path) as fh:
+                rows = length_change(short, judge(json.load(fh)))
+            print(json.dumps(rows, indent=1, allow_nan=False) if args.json else
+                  f"# {path} against {args.against}\n\n" + length_markdown(rows))
+        return 0
     for path in args.results:
         with open(path) as fh:
             j = judge(json.load(fh))
