@@ -11,6 +11,11 @@ Forward + backward wall time of one layer on n tokens (one routing group), for
              expert's demand (one host sync per forward); its compute does not depend on c;
     grouped  the same routing and weights through moe.grouped.GroupedDroplessMoE: exactly n*2 rows
              sorted by expert, one torch._grouped_mm per FFN matmul, no padding, no host sync;
+    et       router "et2" (moe.threshold.ExpertThresholdMoE, a training step: routed by the learned
+             thresholds, grouped experts), at the case's c: what Expert Threshold routing costs
+             against expert choice ("ec");
+    lossfree router "top2_lossfree" (moe.token_choice.LossFreeMoE: padded like "dropless") and the
+             same weights through moe.grouped.GroupedLossFreeMoE ("lossfree_grouped": n*2 rows);
     threshold  expert choice with eval_routing="threshold" (thresholds learned on another batch),
              eval forward only under torch.no_grad: padded (ecmoe.MoE) vs grouped (moe.grouped.
              GroupedMoE), printed under the row, not against dense;
@@ -48,14 +53,14 @@ import ecmoe
 from lab.files import read_json, write_json, write_text
 from moe import parallel
 from moe.capped import CappedMoE
-from moe.grouped import GroupedDroplessMoE, GroupedMoE
+from moe.grouped import GroupedDroplessMoE, GroupedLossFreeMoE, GroupedMoE
 from moe.routers import ROUTERS, make_layer
 
 # The MoE methods and the router-table names whose layers they time (moe/routers.py); each case's
 # capacity factor c replaces the table's, so "ec" is EC-CF1 at c = 1 and EC-CF2 at c = 2.
-ROUTER_OF = dict(ec="ec2", top1="top1", top2="top2")
-METHODS = (*ROUTER_OF, "dropless", "grouped", "threshold", "onehot", "hf")  # besides dense (always timed)
-COMPILABLE = ("dense", *ROUTER_OF)
+ROUTER_OF = dict(ec="ec2", top1="top1", top2="top2", et="et2")
+METHODS = (*ROUTER_OF, "dropless", "grouped", "lossfree", "threshold", "onehot", "hf")  # besides dense
+COMPILABLE = ("dense", "ec", "top1", "top2")
 
 
 @dataclass
@@ -241,6 +246,8 @@ def bench_case(cfg, n, e, c, notes):
         methods["hf_switch_top1"] = hf
     if "dropless" in cfg.methods or "grouped" in cfg.methods:  # built last: the draws above stay
         methods.update(dropless_methods(cfg, d, f, e, c, x, row))
+    if "lossfree" in cfg.methods:
+        methods.update(lossfree_methods(cfg, d, f, e, c))
     eval_only = threshold_methods(cfg, d, f, e, c, x, row) if "threshold" in cfg.methods else {}
     if cfg.compile:
         torch._dynamo.reset()  # fresh compile per case: no cache limit, no stale shapes
@@ -272,7 +279,8 @@ def bench_case(cfg, n, e, c, notes):
     if "onehot_ms" in row and "ec_ms" in row:
         row["onehot_over_ec"] = row["onehot_ms"] / row["ec_ms"]
     for a, b in (("dropless", "top2"), ("grouped", "top2"), ("grouped", "dropless"), ("grouped", "ec"),
-                 ("thr_grouped", "thr_padded")):  # ratios measured side by side in this run
+                 ("lossfree", "top2"), ("lossfree_grouped", "top2"), ("lossfree_grouped", "lossfree"),
+                 ("et", "ec"), ("thr_grouped", "thr_padded")):  # ratios measured side by side in this run
         if f"{a}_ms" in row and f"{b}_ms" in row:
             row[f"{a}_over_{b}"] = row[f"{a}_ms"] / row[f"{b}_ms"]
     return row
@@ -288,6 +296,15 @@ def dropless_methods(cfg, d, f, e, c, x, row):
         route = padded.route(ecmoe.router_probs(padded.group_tokens(x), padded.w_router))
     row["dropless_padding"] = route.gates[0].numel() / (2 * x.shape[1])  # e*s / (n*2)
     return {name: layer for name, layer in (("dropless", padded), ("grouped", grouped)) if name in cfg.methods}
+
+
+def lossfree_methods(cfg, d, f, e, c):
+    """Loss-free top-2 padded ("top2_lossfree" of the router table) and grouped (GroupedLossFreeMoE,
+    the same weights and bias). Training steps: the loads count, update_bias is not called."""
+    padded = make_layer("top2_lossfree", d, f, e, capacity_factor=c, group="batch").to(cfg.device)
+    grouped = GroupedLossFreeMoE(d, f, e, top_k=2, capacity_factor=c, group="batch").to(cfg.device)
+    grouped.load_state_dict(padded.state_dict())
+    return dict(lossfree=padded, lossfree_grouped=grouped)
 
 
 def threshold_methods(cfg, d, f, e, c, x, row):
@@ -316,6 +333,11 @@ def side_by_side_lines(row):
     if any(dropless):
         pad = f" (padded slots {row['dropless_padding']:.2f}x the n*2 rows)" if "dropless_padding" in row else ""
         lines.append("dropless top-2 fwd+bwd: " + ", ".join(t for t in dropless if t) + pad)
+    lossfree = [ratio("lossfree", "top2"), ratio("lossfree_grouped", "top2"), ratio("lossfree_grouped", "lossfree")]
+    if any(lossfree):
+        lines.append("loss-free top-2 fwd+bwd: " + ", ".join(t for t in lossfree if t))
+    if "et_over_ec" in row:
+        lines.append(f"expert threshold fwd+bwd: et {row['et_over_ec']:.2f}x ec (same c)")
     if "thr_grouped_over_thr_padded" in row:
         lines.append(f"threshold eval forward: padded {row['thr_padded_ms']:.2f} ms, grouped "
                      f"{row['thr_grouped_ms']:.2f} ms = {row['thr_grouped_over_thr_padded']:.2f}x padded "
@@ -336,6 +358,9 @@ def check_targets(rows):
         if row["c"] == 2.0 and "grouped_over_top2" in row:  # issue 18: dropless at top-2's cost
             out.append((f"dropless top-2 (grouped) <= 1.15x top-2 (n={row['n']}, e={row['e']})",
                         row["grouped_over_top2"] <= 1.15))
+        if row["c"] == 2.0 and "lossfree_grouped_over_top2" in row:
+            out.append((f"loss-free top-2 (grouped) <= 1.15x top-2 (n={row['n']}, e={row['e']})",
+                        row["lossfree_grouped_over_top2"] <= 1.15))
         if "top2_ms" in row:
             out.append((f"EC <= top-2 (n={row['n']}, e={row['e']}, c={row['c']})",
                         row["ec_ms"] <= row["top2_ms"]))
@@ -413,7 +438,8 @@ def main(argv=None):
     print(f"device={cfg.device} threads={torch.get_num_threads()} torch={torch.__version__} {precision}, "
           f"d={cfg.d_model} f={cfg.d_expert}, forward+backward, median of {cfg.repeats} interleaved "
           f"repeats ({timer}){', + torch.compile' if cfg.compile else ''}")
-    names = [m for m in ("ec", "top1", "top2", "dropless", "grouped", "onehot") if m in cfg.methods]
+    names = [m for m in ("ec", "et", "top1", "top2", "dropless", "grouped", "onehot") if m in cfg.methods]
+    names += [m for m in ("lossfree", "lossfree_grouped") if "lossfree" in cfg.methods]
     names += [f"{m}_compiled" for m in COMPILABLE if cfg.compile and (m == "dense" or m in cfg.methods)]
     print(f"{'n':>6} {'e':>3} {'c':>4} {'dense ms':>9} " + " ".join(f"{m:>{max(7, len(m))}}" for m in names))
     rows = []

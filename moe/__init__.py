@@ -7,7 +7,8 @@ project; ecmoe never imports them.
     capped.py         EC-CAP (paper Sec. 3.3): expert choice with at most b experts per token
     threshold.py      Expert Threshold routing: expert choice's cutoff, learned, applied per token
     grouped.py        one grouped matmul over the filled slots, sorted by expert, for variable
-                      loads (no padding to the busiest expert); a sync-free dropless top-k layout
+                      loads (no padding to the busiest expert); sync-free dropless top-k and
+                      loss-free layouts
     parallel.py       expert parallelism: the experts sharded over torch.distributed processes
     routers.py        THE router table: name -> layer, capacity factor, cap (every script reads it)
 """

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ecmoe import MoE, Routing, autocast_on, load_balancing_loss
-from moe.token_choice import TokenChoiceMoE, top_choices
+from moe.token_choice import LossFreeMoE, TokenChoiceMoE, top_choices
 
 
 # ----------------------------------------------------------------------------- the experts on rows
@@ -119,14 +119,40 @@ def dropless_top_k_ffn(x_groups, probs, top_k, w_in, w_out):
     return combine_rows(x_groups, X_e, token, gate), demand.float()
 
 
-class GroupedDroplessMoE(TokenChoiceMoE):
+def chosen_slots(probs, choice_expert, choice_gate):
+    """Dropless top-k laid out one slot per (expert, token): slot t of expert i holds token t iff
+    t chose i. probs [G, n, e] (shape only), choice_expert/choice_gate [G, n, k] (top_choices) ->
+    gates [G, e, n], token_index [G, e, n] (-1 where not chosen), demand [G, e] (float). Static
+    shapes: no host sync, and exactly G*n*k filled slots."""
+    n = probs.shape[1]
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, choice_expert, True)  # [G, n, e]
+    gates = torch.zeros_like(probs).scatter(-1, choice_expert, choice_gate).transpose(1, 2)  # [G, e, n]
+    token = torch.arange(n, device=probs.device).view(1, 1, n)
+    token_index = torch.where(chosen.transpose(1, 2), token, -1)  # [G, e, n]
+    return gates, token_index, chosen.sum(1).float()
+
+
+class GroupedTopK:
+    """Mixin for dropless top-k layers laid out by chosen_slots: experts() computes exactly the
+    G*n*top_k filled slots, a count known in advance (no host sync on the _grouped_mm path).
+    Put it first: class L(GroupedTopK, TokenChoiceMoE)."""
+
+    def experts(self, x_groups, gates, token_index):
+        """(Eq. 3-4) on the G*n*top_k filled slots: x_groups [G, n, d], gates/token_index [G, e, n]."""
+        G, n, d = x_groups.shape
+        return grouped_moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, rows=G * n * self.top_k)
+
+
+class GroupedDroplessMoE(GroupedTopK, TokenChoiceMoE):
     """TokenChoiceMoE(top_k, dropless=True) with grouped expert matmuls: the same routing, the same
     y, but the experts compute exactly G*n*top_k rows (no padding to the busiest expert) and, on
     the _grouped_mm path, with no host sync (the padded layer syncs once to size its slots).
 
     The Routing keeps one slot per expert per token ([G, e, n] indices, filled where the token
     chose the expert): static shapes, and the statistics of ecmoe.MoE work unchanged. Arguments
-    as TokenChoiceMoE (no random_second: its row count would depend on the draws).
+    as TokenChoiceMoE (no random_second: its row count would depend on the draws). Under expert
+    parallelism (moe/parallel.py) the n slots per expert are exchanged as they are: correct, but
+    e/top_k times the rows; the padded layer sends fewer.
     """
 
     def __init__(self, d_model, d_ff, n_experts, top_k=2, capacity_factor=2.0, group="position",
@@ -137,16 +163,21 @@ class GroupedDroplessMoE(TokenChoiceMoE):
     def route(self, probs):
         """probs [G, n, e] -> Routing: slot t of expert i holds token t iff i is among t's top_k
         (gates renormalised as TokenChoiceMoE's); demand [G, e]; the balance loss."""
-        G, n, e = probs.shape
-        choice_expert, choice_gate = top_choices(probs, self.top_k)  # [G, n, k]
-        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, choice_expert, True)  # [G, n, e]
-        gates = torch.zeros_like(probs).scatter(-1, choice_expert, choice_gate).transpose(1, 2)  # [G, e, n]
-        token = torch.arange(n, device=probs.device).view(1, 1, n)
-        token_index = torch.where(chosen.transpose(1, 2), token, -1)  # [G, e, n]
-        demand = chosen.sum(1).float()  # [G, e] tokens that chose each expert
+        gates, token_index, demand = chosen_slots(probs, *top_choices(probs, self.top_k))
         return Routing(gates, token_index, demand, load_balancing_loss(probs, validate=False).mean())
 
-    def experts(self, x_groups, gates, token_index):
-        """(Eq. 3-4) on the G*n*top_k filled slots: x_groups [G, n, d], gates/token_index [G, e, n]."""
-        G, n, d = x_groups.shape
-        return grouped_moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, rows=G * n * self.top_k)
+
+class GroupedLossFreeMoE(GroupedTopK, LossFreeMoE):
+    """LossFreeMoE with grouped expert matmuls: the same choices (top_k of probs + expert_bias),
+    gates, loads, bias updates and y, laid out by chosen_slots as GroupedDroplessMoE, so the
+    experts compute exactly G*n*top_k rows with no host sync. Arguments and buffers as
+    LossFreeMoE (update_bias once per optimizer step); expert parallelism as GroupedDroplessMoE.
+    """
+
+    def route(self, probs):
+        """probs [G, n, e] -> Routing: top_k of probs + expert_bias per token, dropless, one slot
+        per (expert, token); aux_loss 0. Training forwards add to expert_load."""
+        gates, token_index, demand = chosen_slots(probs, *top_choices(probs, self.top_k, self.expert_bias))
+        if self.training:  # load_i for update_bias: summed over this step's training forwards
+            self.expert_load += demand.sum(0).long()
+        return Routing(gates, token_index, demand, probs.new_zeros(()))

@@ -14,9 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ecmoe
 from conftest import requires_cuda
-from moe.grouped import (GroupedDroplessMoE, GroupedMoE, dropless_top_k_ffn, grouped_expert_ffn,
-                         grouped_moe_ffn, grouped_mm_supported)
-from moe.token_choice import TokenChoiceMoE
+from moe.grouped import (GroupedDroplessMoE, GroupedLossFreeMoE, GroupedMoE, dropless_top_k_ffn,
+                         grouped_expert_ffn, grouped_moe_ffn, grouped_mm_supported)
+from moe.token_choice import LossFreeMoE, TokenChoiceMoE
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 F64 = dict(rtol=1e-12, atol=1e-12)
@@ -162,6 +162,43 @@ def test_grouped_dropless_layer_equals_padded_dropless_layer(group, top_k):
         torch.testing.assert_close(b, a, **F64)
 
 
+@pytest.mark.parametrize("group", ecmoe.GROUPS)
+def test_grouped_lossfree_layer_equals_padded_lossfree_over_steps(group):
+    """GroupedLossFreeMoE = LossFreeMoE with copied weights, float64, three optimizer steps of two
+    training forwards (u = 0.05, so the bias soon moves the choices): y, the routing statistics,
+    the gradients, the counted loads and the bias after every update_bias; then an eval forward."""
+    torch.manual_seed(4)
+    padded = LossFreeMoE(8, 12, 5, top_k=2, bias_rate=0.05, group=group).double()
+    with torch.no_grad():
+        padded.w_router.normal_(0, 1.0)
+    layer = copied(padded, GroupedLossFreeMoE, bias_rate=0.05)
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        for _ in range(2):
+            x = torch.randn(3, 7, 8, dtype=torch.float64, generator=g)
+            outs, grads = [], []
+            for module in (padded, layer):
+                xx = x.clone().requires_grad_()
+                out = module(xx)
+                (out.y.square().sum() + out.z_loss).backward()
+                outs.append(out)
+                grads.append([xx.grad] + [p.grad for p in module.parameters()])
+                module.zero_grad()
+            torch.testing.assert_close(outs[1].y, outs[0].y, **F64)
+            assert outs[1].aux_loss == 0 and outs[0].aux_loss == 0
+            for name, a, b in zip(outs[0].stats._fields, outs[1].stats, outs[0].stats):
+                torch.testing.assert_close(a, b, msg=lambda m: f"stats.{name}: {m}")
+            for a, b in zip(*grads):
+                torch.testing.assert_close(b, a, **F64)
+        assert torch.equal(layer.expert_load, padded.expert_load)
+        padded.update_bias(), layer.update_bias()
+        assert torch.equal(layer.expert_bias, padded.expert_bias)
+    assert padded.expert_bias.abs().max() > 0
+    padded.eval(), layer.eval()
+    torch.testing.assert_close(layer(x).y, padded(x).y, **F64)
+    assert torch.equal(layer.expert_load, padded.expert_load)  # eval counts nothing
+
+
 def test_dropless_function_equals_the_padded_layer():
     """dropless_top_k_ffn on the router's probabilities gives the padded dropless layer's y and
     the demand its route reports."""
@@ -253,17 +290,20 @@ def dropless_step(layer, x):
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no torch._grouped_mm")
 def test_dropless_grouped_path_never_reads_the_device(host_reads):
-    """dropless_top_k_ffn and a GroupedDroplessMoE training step (forward + backward, float32,
-    aligned widths) make no host read; the padded dropless layer makes one (the busiest expert's
+    """dropless_top_k_ffn, and a GroupedDroplessMoE and a GroupedLossFreeMoE training step (forward
+    + backward, float32, aligned widths, and the bias update) make no host read; the padded dropless layer makes one (the busiest expert's
     load) and the float64 fallback one (the split sizes): the check can fail."""
     torch.manual_seed(0)
     padded = TokenChoiceMoE(16, 32, 4, top_k=2, dropless=True, check_inputs=False)
     layer = copied(padded, GroupedDroplessMoE, check_inputs=False)
+    lossfree = GroupedLossFreeMoE(16, 32, 4, check_inputs=False)
     x, probs = torch.randn(2, 8, 16), torch.randn(2, 8, 4).softmax(-1)
     with host_reads() as ops:
         y, _ = dropless_top_k_ffn(x.requires_grad_(), probs, 2, layer.w_in, layer.w_out)
         y.square().sum().backward()
         dropless_step(layer, x)
+        dropless_step(lossfree, x)
+        lossfree.update_bias()
     assert ops == []
     with host_reads() as ops:
         dropless_step(padded, x)
