@@ -785,7 +785,8 @@ def _worker_run(cfg, router, seed, task):
 
 PAIRS = (("ec1", "top1"), ("ec2", "top2"), ("ec2", "top2_dropless"), ("ec2", "dense"),
          ("ec1", "dense"), ("ec2", "top2_gshard"), ("cap2", "top2"), ("cap3", "top2"),
-         ("top2", "dense"))
+         ("top2", "dense"),
+         ("et2", "ec2"), ("et2", "top2"), ("et1", "top1"), ("top2_lossfree", "top2_dropless"))  # issue 18
 POSITIVE = ("dense", SCRATCH)      # pretrained dense - the same model never pretrained
 NULL = ("top2_aa", "top2")
 AVERAGE = "average"                # mean over the tasks of one run (GLUE's average score)
