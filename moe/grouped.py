@@ -17,8 +17,9 @@ and SM90+, elsewhere torch copies offs to the host (a sync) and loops. Where tor
 group sizes on the host: one sync.
 
 Host syncs: a layout with a data-dependent number of rows m (threshold routing) counts it, one
-sync; dropless top-k has exactly m = G*n*k rows, known in advance, so its layout is built with
-static shapes and, on the _grouped_mm path, the whole layer runs without a host sync.
+sync; dropless top-k (plain or loss-free) has exactly m = G*n*k rows, known in advance, so its
+layout is built with static shapes and, on the _grouped_mm path, the whole layer runs without a
+host sync.
 
 Shape legend: as ecmoe (G groups, n tokens a group, e experts, s slots, d, f), plus m rows (filled
 slots) and k = top_k.
