@@ -410,18 +410,17 @@ def length_change(short, long):
     Both run sets' controls must pass, else every pair reads "not judged (controls)".
     -> list of dicts (pair, short, long: their mean/lo/hi/n/resolved, change: welch + p_holm +
     resolved, word, sentence)."""
+    def direction(x):
+        return int(math.copysign(1, x["mean"])) if x["resolved"] else 0
+
     pairs_long = {s["pair"]: s for s in long["pairs"]}
     both = [(s, pairs_long[s["pair"]]) for s in short["pairs"] if s["pair"] in pairs_long]
-    changes = []
-    for s, l in both:
-        ok = s["n"] >= 2 and l["n"] >= 2
-        changes.append(welch(l["mean"], l["sd"], l["n"], s["mean"], s["sd"], s["n"]) if ok else None)
+    changes = [welch(l["mean"], l["sd"], l["n"], s["mean"], s["sd"], s["n"])
+               if min(s["n"], l["n"]) >= 2 else None for s, l in both]
     holm_p = holm([c["p"] if c else None for c in changes])
     judged = short["interpretable"] and long["interpretable"]
     out = []
     for (s, l), c, ph in zip(both, changes, holm_p):
-        def direction(x):
-            return int(math.copysign(1, x["mean"])) if x["resolved"] else 0
         d_s, d_l = direction(s), direction(l)
         moved = 0 if c is None or ph is None or ph >= ALPHA else int(math.copysign(1, c["mean"]))
         if not judged:

@@ -368,3 +368,15 @@ def test_length_change_false_alarm_and_power_by_simulation(truth):
         assert rate.get("holds", 0) > 0.8
     else:
         assert rate.get("grows", 0) > 0.5 and rate.get("shrinks", 0) + rate.get("flips", 0) == 0
+
+
+def test_length_change_on_the_committed_long_run(capsys):
+    """The committed 2,400-step run set against the 600-step one, through the command line: both
+    run sets' controls pass, and EC-CF1 - top-1 holds (resolved at both lengths, same sign)."""
+    long_path = ROOT / "assets" / "lm_long2400_all" / "results.json"
+    short_path = ROOT / "assets" / "lm_after_ec" / "results.json"
+    rows = {r["pair"]: r for r in stats.length_change(stats.judge(load("lm_after_ec")),
+                                                      stats.judge(load("lm_long2400_all")))}
+    assert rows["ec1 - top1"]["word"] == "holds" and len(rows) == 8
+    assert stats.main([str(long_path), "--against", str(short_path)]) == 0
+    assert "| ec1 - top1 |" in capsys.readouterr().out
