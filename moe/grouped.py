@@ -151,9 +151,9 @@ class GroupedDroplessMoE(GroupedTopK, TokenChoiceMoE):
 
     The Routing keeps one slot per expert per token ([G, e, n] indices, filled where the token
     chose the expert): static shapes, and the statistics of ecmoe.MoE work unchanged. Arguments
-    as TokenChoiceMoE (no random_second: its row count would depend on the draws). Under expert
-    parallelism (moe/parallel.py) the n slots per expert are exchanged as they are: correct, but
-    e/top_k times the rows; the padded layer sends fewer.
+    as TokenChoiceMoE (no random_second: its row count would depend on the draws). Not tested under
+    expert parallelism: moe/parallel.py would exchange all n slots of every expert, e/top_k times
+    the rows routed (the padded layer sends the busiest expert's load).
     """
 
     def __init__(self, d_model, d_ff, n_experts, top_k=2, capacity_factor=2.0, group="position",
@@ -172,7 +172,8 @@ class GroupedLossFreeMoE(GroupedTopK, LossFreeMoE):
     """LossFreeMoE with grouped expert matmuls: the same choices (top_k of probs + expert_bias),
     gates, loads, bias updates and y, laid out by chosen_slots as GroupedDroplessMoE, so the
     experts compute exactly G*n*top_k rows with no host sync. Arguments and buffers as
-    LossFreeMoE (update_bias once per optimizer step); expert parallelism as GroupedDroplessMoE.
+    LossFreeMoE (update_bias once per optimizer step); not tested under expert parallelism (see
+    GroupedDroplessMoE).
     """
 
     def route(self, probs):
