@@ -286,12 +286,19 @@ def bench_case(cfg, n, e, c, notes):
     return row
 
 
+def padded_and_grouped(router, grouped_class, cfg, d, f, e, c):
+    """The router table's padded dropless top-2 layer `router` and `grouped_class` (its twin on
+    the grouped path) with the same weights (and, for loss-free, the same bias)."""
+    padded = make_layer(router, d, f, e, capacity_factor=c, group="batch").to(cfg.device)
+    grouped = grouped_class(d, f, e, top_k=2, capacity_factor=c, group="batch").to(cfg.device)
+    grouped.load_state_dict(padded.state_dict())
+    return padded, grouped
+
+
 def dropless_methods(cfg, d, f, e, c, x, row):
     """Dropless top-2 padded ("top2_dropless" of the router table) and grouped (GroupedDroplessMoE,
     the same weights); row gets the padded layout's slots over the n*2 rows the grouped one computes."""
-    padded = make_layer("top2_dropless", d, f, e, capacity_factor=c, group="batch").to(cfg.device)
-    grouped = GroupedDroplessMoE(d, f, e, top_k=2, capacity_factor=c, group="batch").to(cfg.device)
-    grouped.load_state_dict(padded.state_dict())
+    padded, grouped = padded_and_grouped("top2_dropless", GroupedDroplessMoE, cfg, d, f, e, c)
     with torch.no_grad():
         route = padded.route(ecmoe.router_probs(padded.group_tokens(x), padded.w_router))
     row["dropless_padding"] = route.gates[0].numel() / (2 * x.shape[1])  # e*s / (n*2)
@@ -299,11 +306,9 @@ def dropless_methods(cfg, d, f, e, c, x, row):
 
 
 def lossfree_methods(cfg, d, f, e, c):
-    """Loss-free top-2 padded ("top2_lossfree" of the router table) and grouped (GroupedLossFreeMoE,
-    the same weights and bias). Training steps: the loads count, update_bias is not called."""
-    padded = make_layer("top2_lossfree", d, f, e, capacity_factor=c, group="batch").to(cfg.device)
-    grouped = GroupedLossFreeMoE(d, f, e, top_k=2, capacity_factor=c, group="batch").to(cfg.device)
-    grouped.load_state_dict(padded.state_dict())
+    """Loss-free top-2 padded ("top2_lossfree" of the router table) and grouped (GroupedLossFreeMoE).
+    Training steps: the loads count, update_bias is not called."""
+    padded, grouped = padded_and_grouped("top2_lossfree", GroupedLossFreeMoE, cfg, d, f, e, c)
     return dict(lossfree=padded, lossfree_grouped=grouped)
 
 
