@@ -138,11 +138,21 @@ SCHEDULE = dict(warmup=1 / 12, decay_start=1 / 2, cooldown=1 / 4)
 # The T5 setting of the first release (its results: assets/t5_*). Used for the flags not given.
 T5_PRESET = dict(steps=320, eval_every=20, chunk_bytes=96, experts=8,
                  schedule=dict(warmup=3 / 32, decay_start=0, cooldown=0))
-# Larger preset for one CUDA GPU, sized from the s/step gpu_check.py measured (assets/gpu/).
-GPU_PRESET = dict(steps=1500, eval_every=75, val_batches=16, batch_size=64, chunk_bytes=256,
-                  d_model=256, d_ff=1024, n_heads=4, enc_layers=6, dec_layers=6, experts=16,
-                  lr=2e-3, workers=1, routers=",".join(ROUTERS) + ",top2_aa",
-                  schedule=dict(warmup=1 / 10, decay_start=1 / 2, cooldown=1 / 5))
+# The scale ladder (lab/ladder.py): rungs of width d, the tokens FIXED across rungs (600 steps x
+# 32 x 64 bytes, as the paper's sizes shared a step budget). d=64 is the default config; CPU rungs
+# 64/128/256, GPU rungs 512/1024. The learning rate scales as 3e-3 * sqrt(64 / d).
+LADDER_ROUTERS = "top1,ec1,top2,ec2,et2,dense,top2_aa"      # + top2_dropless when the budget allows
+LADDER_LR = {64: 3e-3, 128: 2.1e-3, 256: 1.5e-3, 512: 1.05e-3, 1024: 7.5e-4}
+
+
+def rung(d):
+    """Config fields of ladder rung d: widths scale with d, everything else (tokens, steps,
+    schedule, experts, layers) is the default config's."""
+    return dict(d_model=d, d_ff=2 * d, n_heads=max(4, d // 64), lr=LADDER_LR[d])
+
+
+# One CUDA GPU continues the ladder: rung 512 with every ladder router and top2_dropless.
+GPU_PRESET = dict(rung(512), workers=1, routers=LADDER_ROUTERS + ",top2_dropless")
 QUICK = dict(seeds="0", routers="top2,ec2,dense", steps=150, eval_every=25, out="runs/quick")
 DRY_RUN = dict(steps=2, eval_every=1, val_batches=2, batch_size=4, chunk_bytes=48, d_model=32,
                d_ff=32, n_heads=2, enc_layers=2, dec_layers=2, experts=4, workers=1,

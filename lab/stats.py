@@ -3,6 +3,7 @@
     python -m lab.stats assets/lm_pretrain/results.json          # the judgment as markdown
     python -m lab.stats assets/lm_pretrain/results.json --json   # the same as strict JSON
     python -m lab.stats LONG/results.json --against SHORT/results.json   # v3: hold, flip or grow?
+    python -m lab.ladder --judge-only --out assets/ladder                # v4: the trend over sizes
 
 The plan is docs/analysis_plan.md (version PLAN_VERSION); the constants below are its numbers.
 In short: the primary statistic of a pair is the paired difference of final validation loss,
@@ -25,7 +26,8 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-PLAN_VERSION = "3"            # v2 = v1 + the four issue-18 pairs; v3 = v2 + length_change (docs/analysis_plan.md)
+PLAN_VERSION = "4"            # v2 = v1 + the four issue-18 pairs; v3 = v2 + length_change;
+#                               v4 = v3 + trend() over model sizes (docs/analysis_plan.md)
 ALPHA = 0.05                  # two-sided level of every interval and test
 POWER = 0.8                   # the power at which the MDE is quoted
 MDE_GOAL = 0.015              # nats: the resolution seeds_needed() plans for
@@ -42,6 +44,15 @@ PLATEAU_DROP = 0.02           # nats both curves must still fall between 0.75 f 
 CLAIM_PAIR, CLAIM_RATIO = ("ec2", "top2"), 0.5   # the paper: EC-CF2 needs < half top-2's steps
 LENGTH_WORDS = ("flips", "grows", "shrinks", "holds", "not decided", "appears", "not resolved at either length",
                 "not judged (controls)")   # v3: length_change(), in the order the rules are tried
+# v4: the trend of a pair's difference over model sizes (a ladder of rungs), trend()
+TREND_PAIRS = (("ec1", "top1"), ("ec2", "top2"), ("et2", "top2"), ("ec2", "dense"))   # Holm family
+TREND_POSITIVE = ("top2", "dense")    # reported beside the family, never gates, not in Holm
+TREND_NULL = ("top2_aa", "top2")      # its slope's 95% CI excluding 0 gates every trend word
+SIZE_ROUTER = "top2"                  # a rung's size: log2 of this router's n_params (all of it)
+TREND_WORDS = ("grows with size", "shrinks with size", "no trend detected",
+               "not judged (controls)", "fewer than 2 rungs: no trend")
+LADDER_SEEDS, LADDER_MAX_SEEDS = 5, 12    # v4: every rung starts with 5 seeds; added: up to 12
+SEED_RULE_PAIR = ("ec2", "top2")          # ... decided from this pair's 5-seed paired sd alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,16 +100,21 @@ def holm(pvalues):
     return out
 
 
+def t_power(ncp, df, alpha=ALPHA):
+    """Power of a two-sided t-test at level alpha with df degrees of freedom when the true
+    effect is `ncp` standard errors (noncentral t; df need not be an integer)."""
+    crit = scipy.stats.t.ppf(1 - alpha / 2, df)
+    near = float(scipy.stats.nct.sf(crit, df, abs(ncp)))    # rejecting on the effect's side
+    far = float(scipy.stats.nct.cdf(-crit, df, abs(ncp)))   # ... and on the wrong side
+    return near + (far if math.isfinite(far) else 0.0)      # scipy: NaN for tails below ~1e-30
+
+
 def power(effect, sd, n, alpha=ALPHA):
     """Power of the two-sided paired t-test at level alpha for a true mean difference `effect`,
     paired sd `sd` and n seeds (exact: noncentral t with n - 1 degrees of freedom)."""
     if n < 2 or not sd > 0:
         raise ValueError(f"power needs n >= 2 and sd > 0, got n={n}, sd={sd}")
-    crit = scipy.stats.t.ppf(1 - alpha / 2, n - 1)
-    ncp = abs(effect) * math.sqrt(n) / sd
-    near = float(scipy.stats.nct.sf(crit, n - 1, ncp))    # rejecting on the effect's side
-    far = float(scipy.stats.nct.cdf(-crit, n - 1, ncp))   # ... and on the wrong side
-    return near + (far if math.isfinite(far) else 0.0)    # scipy: NaN for tails below ~1e-30
+    return t_power(abs(effect) * math.sqrt(n) / sd, n - 1, alpha)
 
 
 def mde(sd, n, alpha=ALPHA, power_goal=POWER):
@@ -287,8 +303,12 @@ def pair_sentence(name, s, interpretable):
                 f"[{abs(s['lo']) if s['mean'] > 0 else abs(s['hi']):.4f}, "
                 f"{abs(s['hi']) if s['mean'] > 0 else abs(s['lo']):.4f}] nats {tail}.")
     after = " (unadjusted p < 0.05, not after Holm)" if s["p"] < ALPHA else ""
+    m = s.get("family_size", 1)
+    level = "unadjusted alpha 0.05" if m == 1 else f"alpha 0.05/{m}, where Holm resolves a pair " \
+        "whatever the others do"
     return (f"{name}: not resolved{after}: {describe(s)} {tail}; a difference between "
-            f"-{s['mde']:.4f} and +{s['mde']:.4f} (the MDE at {POWER:.0%} power) could still hide.")
+            f"-{s['mde_family']:.4f} and +{s['mde_family']:.4f} (the MDE at {POWER:.0%} power and "
+            f"{level}) could still hide.")
 
 
 def judge(results):
@@ -342,8 +362,11 @@ def judge(results):
     interpretable = why.startswith("controls passed")
 
     family = [pair(a, b)[0] for a, b in COMPARISONS if a in by and b in by and (a, b) != pos]
+    m = sum(s["p"] is not None for s in family)
     for s, ph in zip(family, holm([s["p"] for s in family])):
         s["p_holm"] = ph
+        s["family_size"] = m       # v4 text: the sentence quotes the MDE at alpha / m
+        s["mde_family"] = None if s["n"] < 2 else mde(s["sd"], s["n"], ALPHA / max(m, 1))
         s["resolved"] = bool(ph is not None and ph < ALPHA)
         s["interpretable"] = interpretable
         s["sentence"] = pair_sentence(s["pair"], s, interpretable)
@@ -448,6 +471,296 @@ def length_change(short, long):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Plan v4: the trend of a pair's difference over model sizes (a ladder of rungs).
+
+
+def slope_fit(x, means, sds, ns, alpha=ALPHA):
+    """The slope of a pair's paired difference over rungs: x [R] (log2 parameters of each rung),
+    means, sds, ns [R] (each rung's mean, sd and number of per-seed differences) -> dict(slope,
+    lo, hi, se, df, p, at_min, at_max).
+
+    The slope is the least-squares line through every seed's difference, which is the per-rung
+    means weighted by their seed counts: slope = sum_r c_r mean_r with fixed c_r (from x and n
+    only). Rungs are independent sets of runs, so var = sum_r c_r^2 sd_r^2 / n_r, each rung
+    with its own sd; the interval is t with Welch-Satterthwaite degrees of freedom (two rungs:
+    Welch's test of the two means, divided by their distance in x). at_min / at_max: the line at
+    the smallest / largest x."""
+    x, m = finite_1d(x, "x (log2 parameters)"), finite_1d(means, "means")
+    sd, n = finite_1d(sds, "sds"), finite_1d(ns, "ns")
+    if not len(x) == len(m) == len(sd) == len(n) or len(x) < 2:
+        raise ValueError(f"slope_fit needs >= 2 rungs and equal lengths, got {len(x)}, {len(m)}, "
+                         f"{len(sd)}, {len(n)}")
+    if np.any(n < 2) or np.any(sd < 0) or np.ptp(x) == 0:
+        raise ValueError(f"slope_fit needs n >= 2 seeds and sd >= 0 at every rung and two "
+                         f"different sizes, got n = {n.tolist()}, sd = {sd.tolist()}, x = {x.tolist()}")
+    xbar = float((n * x).sum() / n.sum())
+    c = n * (x - xbar) / float((n * (x - xbar) ** 2).sum())
+    slope, level = float(c @ m), float((n * m).sum() / n.sum())
+    v = c ** 2 * sd ** 2 / n
+    se = math.sqrt(float(v.sum()))
+    out = dict(slope=slope, at_min=level + slope * (x.min() - xbar),
+               at_max=level + slope * (x.max() - xbar))
+    if se == 0:
+        return dict(out, lo=slope, hi=slope, se=0.0, df=None, p=1.0 if slope == 0 else 0.0)
+    df = float(v.sum() ** 2 / (v ** 2 / (n - 1)).sum())
+    half = float(scipy.stats.t.ppf(1 - alpha / 2, df)) * se
+    return dict(out, lo=slope - half, hi=slope + half, se=se, df=df,
+                p=float(2 * scipy.stats.t.sf(abs(slope) / se, df)))
+
+
+def slope_critical(x, sds, ns, alpha=ALPHA, draws=20000, seed=0):
+    """What the slope test of slope_fit needs to see, in true standard errors: x, sds, ns [R]
+    (the rungs' log2 parameters, true paired sds, seeds) -> (se, k [draws]). The test rejects
+    when |slope estimate| > t_crit(df_hat) * se_hat; se_hat and df_hat come from the rungs'
+    estimated sds (sd_r^2 chi^2_{n_r - 1} / (n_r - 1), `draws` fixed-seed draws, independent
+    of the mean), and k = t_crit(df_hat) * se_hat / se per draw."""
+    x, sd, n = (finite_1d(v, name) for v, name in ((x, "x"), (sds, "sds"), (ns, "ns")))
+    xbar = float((n * x).sum() / n.sum())
+    c = n * (x - xbar) / float((n * (x - xbar) ** 2).sum())
+    v = c ** 2 * sd ** 2 / n                                           # [R]
+    se = math.sqrt(float(v.sum()))
+    if se == 0:
+        return 0.0, np.zeros(1)
+    rng = np.random.default_rng(seed)
+    w = rng.chisquare(np.broadcast_to(n - 1, (draws, len(n)))) / (n - 1)   # [draws, R]
+    vh = v * w
+    df = vh.sum(1) ** 2 / np.maximum((vh ** 2 / (n - 1)).sum(1), 1e-300)
+    return se, scipy.stats.t.ppf(1 - alpha / 2, df) * np.sqrt(vh.sum(1)) / se
+
+
+def slope_power(slope, x, sds, ns, alpha=ALPHA, draws=20000):
+    """Power of the slope test (slope_fit, two-sided, level alpha) at a true slope, with the
+    rungs' true paired sds: the slope estimate is normal (mean slope, sd se) and independent of
+    the sds estimated beside it, so power = mean over draws of Phi(d - k) + Phi(-d - k), d =
+    slope / se (k: slope_critical). Exact up to the draws' integration (about +-0.003)."""
+    se, k = slope_critical(x, sds, ns, alpha, draws)
+    if se == 0:
+        return 1.0 if slope else float(alpha)
+    d = abs(slope) / se
+    return float(np.mean(scipy.stats.norm.cdf(d - k) + scipy.stats.norm.cdf(-d - k)))
+
+
+def slope_mde(x, sds, ns, alpha=ALPHA, power_goal=POWER, draws=20000):
+    """The smallest true slope (nats per doubling) that the slope test at level alpha finds with
+    probability power_goal, taking the measured sds as the truth (as mde() does for a pair)."""
+    se, k = slope_critical(x, sds, ns, alpha, draws)
+    if se == 0:
+        return 0.0
+
+    def gap(d):
+        return float(np.mean(scipy.stats.norm.cdf(d - k) + scipy.stats.norm.cdf(-d - k))) - power_goal
+    hi = 1.0
+    while gap(hi) < 0:
+        hi *= 2
+    return se * float(scipy.optimize.brentq(gap, 0.0, hi, xtol=1e-10))
+
+
+def seeds_rule(sd_first, goal=MDE_GOAL, start=LADDER_SEEDS, cap=LADDER_MAX_SEEDS):
+    """Plan v4: how many seeds a rung ends with, from the paired sd of SEED_RULE_PAIR over its
+    first `start` seeds alone (never from the difference): `start` if their MDE is <= goal,
+    else seeds_needed(sd_first, goal), capped at `cap`; seeds are added once, in one step."""
+    if not (math.isfinite(sd_first) and sd_first >= 0):
+        raise ValueError(f"seeds_rule needs a finite sd >= 0, got {sd_first}")
+    if mde(sd_first, start) <= goal:
+        return start
+    return min(cap, seeds_needed(sd_first, goal))
+
+
+def rung_summary(results, name, routers=None):
+    """One rung of a ladder for trend(): a results.json dict -> dict(rung, params, log2_params,
+    seeds, judgment, interpretable, why, stats, seed_rule). Only the runs of `routers` (None:
+    all) are judged, so every rung has the same family; judge() applies the plan to the rung
+    alone (its controls, its Holm family). params: the n_params of SIZE_ROUTER's runs."""
+    if routers is not None:
+        keep = set(routers)
+        results = dict(results, runs=[r for r in results.get("runs", []) if r["router"] in keep])
+    by = runs_by_router(results)
+    sizes = {r.get("n_params") for r in by.get(SIZE_ROUTER, {}).values()}
+    if len(sizes) != 1 or not isinstance(next(iter(sizes)), int):
+        raise ValueError(f"rung {name}: need {SIZE_ROUTER} runs with one n_params, got {sizes}")
+    params = sizes.pop()
+    seeds = sorted({s for runs in by.values() for s in runs})
+    results = dict(results, seeds=seeds)
+    j = judge(results)
+    rows = ([j["positive_control"]] if j["positive_control"] else []) + j["null_controls"] + \
+        j["pairs"]
+    stats = {s["pair"]: {k: s.get(k) for k in ("n", "mean", "lo", "hi", "sd", "p", "p_holm",
+                                                 "resolved", "seeds")} for s in rows}
+    rule = None
+    a, b = SEED_RULE_PAIR
+    if a in by and b in by:
+        first = sorted(set(by[a]) & set(by[b]))[:LADDER_SEEDS]
+        if len(first) == LADDER_SEEDS:
+            d = [by[a][x]["final_val"] - by[b][x]["final_val"] for x in first]
+            if all(math.isfinite(v) for v in d):
+                sd = float(np.std(d, ddof=1))
+                rule = dict(pair=f"{a} - {b}", seeds=first, sd=sd, mde=mde(sd, LADDER_SEEDS),
+                            goal=MDE_GOAL, seeds_to=seeds_rule(sd), seeds_have=len(seeds))
+    return dict(rung=name, params=params, log2_params=math.log2(params), seeds=seeds,
+                plan_version=j["plan_version"], interpretable=j["interpretable"], why=j["why"],
+                family=j["family"], stats=stats, seed_rule=rule, judgment=j)
+
+
+def trend(rungs, alpha=ALPHA, power_goal=POWER):
+    """Plan v4: does each pair's difference grow or shrink with model size? rungs: list of
+    rung_summary() dicts (any order) -> strict-JSON dict(plan_version, rungs, judged, why,
+    pairs, notes).
+
+    For each pair (challenger - baseline; negative = challenger better) present with >= 2 seeds
+    at >= 2 rungs: slope_fit() of its per-rung differences on log2(parameters), in nats per
+    doubling. The pairs of TREND_PAIRS form one Holm family; TREND_POSITIVE and TREND_NULL are
+    reported as controls, outside it. Words (family pairs):
+      not judged (controls)   a rung's own controls failed, or the trend null control's slope
+                              interval excludes 0
+      grows with size         Holm p < alpha and the slope moves the line at the largest rung
+                              away from 0: the gap in favour of the pair's leader there widens
+      shrinks with size       Holm p < alpha and the slope moves it towards 0: the gap narrows
+      no trend detected       otherwise; with the smallest slope detected with power_goal at
+                              the level alpha / m (m: the pairs in the family), the level
+                              at which Holm resolves a pair whatever the other pairs do."""
+    rungs = sorted(rungs, key=lambda r: r["params"])
+    if len({r["params"] for r in rungs}) != len(rungs):
+        raise ValueError(f"trend: two rungs have the same size: {[r['params'] for r in rungs]}")
+    notes, names = [], [r["rung"] for r in rungs]
+
+    def fit(pair):
+        pts = [dict(rung=r["rung"], params=r["params"], log2_params=r["log2_params"],
+                    **{k: r["stats"][pair][k] for k in ("n", "mean", "lo", "hi", "sd")})
+               for r in rungs if pair in r["stats"] and r["stats"][pair]["n"] >= 2]
+        row = dict(pair=pair, points=pts, n_rungs=len(pts), fit=None)
+        if len(pts) >= 2:
+            row["fit"] = slope_fit([q["log2_params"] for q in pts], [q["mean"] for q in pts],
+                                   [q["sd"] for q in pts], [q["n"] for q in pts], alpha)
+        left = sorted({r["rung"] for r in rungs} - {q["rung"] for q in pts}, key=names.index)
+        if pts and left:
+            notes.append(f"{pair}: left out at rung(s) {left} (its routers or 2 seeds missing)")
+        return row
+
+    name = " - ".join
+    family = [dict(fit(name(p)), role="family") for p in TREND_PAIRS]
+    family = [row for row in family if row["n_rungs"] > 0]
+    positive = dict(fit(name(TREND_POSITIVE)), role="positive control")
+    null = dict(fit(name(TREND_NULL)), role="null control")
+    bad = [r["rung"] for r in rungs if not r["interpretable"]]
+    if null["fit"] is None:
+        null["passed"] = None
+    else:
+        null["passed"] = bool(null["fit"]["lo"] <= 0 <= null["fit"]["hi"])
+    if bad:
+        why = f"rung(s) {bad} failed their own controls"
+    elif null["passed"] is False:
+        why = f"the null control's slope ({name(TREND_NULL)}) excludes 0"
+    else:
+        why = "controls passed" + ("" if null["passed"] else " (no trend null control: fewer "
+                                   "than 2 rungs have it)")
+    judged = why.startswith("controls passed")
+    fitted = [row for row in family if row["fit"]]
+    m = len(fitted)
+    for row, ph in zip(fitted, holm([row["fit"]["p"] for row in fitted])):
+        row["fit"]["p_holm"] = ph
+    for row in [*family, positive, null]:
+        f = row["fit"]
+        a, b = row["pair"].split(" - ")
+        if f is None:
+            row.update(word=TREND_WORDS[4], mde_slope=None,
+                       sentence=f"{row['pair']}: {TREND_WORDS[4]} ({row['n_rungs']} rung(s) with "
+                                "2 or more seeds).")
+            continue
+        level = alpha / m if row["role"] == "family" else alpha
+        row["mde_slope"] = slope_mde([q["log2_params"] for q in row["points"]],
+                                     [q["sd"] for q in row["points"]],
+                                     [q["n"] for q in row["points"]], level, power_goal)
+        row["mde_level"] = level
+        p_word = f["p_holm"] if row["role"] == "family" else f["p"]
+        if row["role"] == "family" and not judged:
+            word = TREND_WORDS[3]
+        elif p_word < alpha:
+            word = TREND_WORDS[0] if f["slope"] * f["at_max"] > 0 else TREND_WORDS[1]
+        else:
+            word = TREND_WORDS[2]
+        row["word"] = word
+        slope = (f"slope {describe(dict(f, mean=f['slope']))} nats per doubling of parameters, {row['n_rungs']} rungs, "
+                 f"p = {f['p']:.3g}" + (f", Holm p = {f['p_holm']:.3g}" if "p_holm" in f else ""))
+        role = "" if row["role"] == "family" else f" ({row['role']}, unadjusted, outside the family)"
+        if word in TREND_WORDS[:2]:
+            lead = a if f["at_max"] < 0 else b
+            change = "widens" if word == TREND_WORDS[0] else "narrows"
+            cross = (" The fitted line crosses 0 between the smallest and the largest rung."
+                     if f["at_min"] * f["at_max"] < 0 else "")
+            row["sentence"] = (f"{row['pair']}{role}: {word}: the gap in favour of {lead} "
+                               f"{change} by {abs(f['slope']):.4f} nats per doubling of parameters "
+                               f"({slope}).{cross}")
+        else:
+            mde_txt = ("" if row["mde_slope"] is None else
+                       f"; the smallest slope these rungs detect with {power_goal:.0%} power at "
+                       f"alpha {level:.3g} is {row['mde_slope']:.4f} per doubling")
+            pre = f"not judged ({why})" if word == TREND_WORDS[3] else word
+            row["sentence"] = f"{row['pair']}{role}: {pre} ({slope}{mde_txt})."
+    if null["fit"] is not None:
+        null["sentence"] += " " + ("Passed." if null["passed"] else "FAILED: no trend word is said.")
+    for r in rungs:
+        rule = r.get("seed_rule")
+        if rule and rule["seeds_have"] < rule["seeds_to"]:
+            notes.append(f"rung {r['rung']}: the seed rule asks for {rule['seeds_to']} seeds "
+                         f"({rule['pair']} sd {rule['sd']:.4f} over seeds {rule['seeds']}: MDE "
+                         f"{rule['mde']:.4f} > {rule['goal']}); it has {rule['seeds_have']}")
+    return strict_json(dict(
+        plan_version=PLAN_VERSION, alpha=alpha, power=power_goal, family_size=m,
+        rungs=[{k: r[k] for k in ("rung", "params", "log2_params", "seeds", "plan_version",
+                                  "interpretable", "why", "family", "seed_rule")} for r in rungs],
+        judged=judged, why=why, pairs=family, positive_control=positive, null_control=null,
+        notes=notes))
+
+
+def strict_json(x):
+    """Floats that are NaN or infinite -> None, recursively (what judge() promises too)."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def trend_markdown(t):
+    """The dict of trend() as markdown: the rungs, then one row per pair."""
+    out = [f"## The trend over model sizes (analysis plan v{t['plan_version']})", "",
+           "Difference = challenger - baseline final validation loss (nats), paired by seed "
+           "within a rung; negative = the challenger is better. Slope: nats per doubling of "
+           f"parameters ({SIZE_ROUTER}'s n_params), least squares over every seed, each rung "
+           "with its own sd (Welch-Satterthwaite df).", "",
+           "| rung | parameters | seeds | plan | controls | seed rule (ec2 - top2, first 5 seeds) |",
+           "|---|---|---|---|---|---|"]
+    for r in t["rungs"]:
+        rule = r["seed_rule"]
+        rule = "-" if rule is None else (f"sd {rule['sd']:.4f}, MDE {rule['mde']:.4f}: "
+                                         f"{rule['seeds_to']} seeds")
+        out.append(f"| {r['rung']} | {r['params']:,} | {len(r['seeds'])} | v{r['plan_version']} | "
+                   f"{r['why']} | {rule} |")
+    names = [r["rung"] for r in t["rungs"]]
+    out += ["", f"Trend family: {t['family_size']} pair(s), Holm; {t['why']}.", "",
+            "| pair | " + " | ".join(names) + " | slope per doubling [95% CI] | p | Holm p | "
+            "smallest detectable slope (80%) | word |", "|---" * (len(names) + 6) + "|"]
+    for row in [*t["pairs"], t["positive_control"], t["null_control"]]:
+        at = {q["rung"]: q for q in row["points"]}
+        cells = [f"{describe(at[n])} ({at[n]['n']})" if n in at else "-" for n in names]
+        f = row["fit"]
+        role = "" if row["role"] == "family" else f" ({row['role']})"
+        mde_s = "-" if row.get("mde_slope") is None else (
+            f"{row['mde_slope']:.4f} (alpha {row['mde_level']:.3g})")
+        out.append(f"| {row['pair']}{role} | " + " | ".join(cells) + " | "
+                   + ("-" if f is None else describe(dict(f, mean=f["slope"]))) + " | "
+                   + ("-" if f is None else f"{f['p']:.3g}") + " | "
+                   + ("-" if f is None or f.get("p_holm") is None else f"{f['p_holm']:.3g}")
+                   + f" | {mde_s} | **{row['word']}** |")
+    out += [""] + [f"- {row['sentence']}" for row in
+                   [*t["pairs"], t["positive_control"], t["null_control"]]]
+    out += [f"- Note: {n}" for n in t["notes"]]
+    return "\n".join(out) + "\n"
+
+
 def seeds_report(results, goal=MDE_GOAL):
     """For the controls and the family of a results dict -> {pair: dict(n, sd, mde,
     seeds_needed)}: the measured paired sd and what it takes to resolve `goal` nats."""
@@ -492,8 +805,10 @@ def markdown(j):
     if j["claim_2x"]:
         out.append(f"- {j['claim_2x']['sentence']}")
     out += [f"- Note: {n}" for n in j["notes"]]
-    out += ["", "| pair | n | mean [95% CI] | sd | p | Holm p | MDE | seeds for MDE "
-            f"<= {j['mde_goal']} | steps ratio 50% | 75% | 100% |", "|---" * 11 + "|"]
+    m = len(j["family"])
+    out += ["", "| pair | n | mean [95% CI] | sd | p | Holm p | MDE (unadjusted alpha) | MDE at "
+            f"alpha/{m} | seeds for MDE <= {j['mde_goal']} (unadjusted) | steps ratio 50% | 75% | "
+            "100% |", "|---" * 12 + "|"]
     rows = ([pc] if pc else []) + j["null_controls"] + j["pairs"]
 
     def num(x, f="{:.4f}"):
@@ -502,7 +817,8 @@ def markdown(j):
     for s in rows:
         out.append(f"| {s['pair']}{roles.get(id(s), '')} | {s['n']} | {describe(s)} | {num(s['sd'])} | "
                    f"{num(s['p'], '{:.3g}')} | {num(s.get('p_holm'), '{:.3g}')} | "
-                   f"{num(s['mde'])} | {num(s['seeds_for_goal'], '{}')} | "
+                   f"{num(s['mde'])} | {num(s.get('mde_family'))} | "
+                   f"{num(s['seeds_for_goal'], '{}')} | "
                    + " | ".join(ratio_text(s["steps"][str(f)]) for f in TARGET_FRACTIONS) + " |")
     return "\n".join(out) + "\n"
 
