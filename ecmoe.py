@@ -1,11 +1,9 @@
 """ecmoe: a Mixture-of-Experts layer with Expert Choice routing, in one file you can copy.
 
 Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022 (arXiv:2202.09368).
-Instead of each token picking its top-k experts, each EXPERT picks its top-k tokens: every
-expert gets a fixed bucket of k tokens, and a token may get zero, one or several experts.
-This file needs only torch. `reference_numpy.py` is the same algorithm in NumPy (tests prove
-they agree); `moe/` holds the token-choice baselines, the capped variant and expert parallelism,
-each extending the `MoE` layer below through its `route` (or `experts`) method.
+Each EXPERT picks its top-k tokens (not each token its top-k experts): every expert gets a fixed
+bucket of k tokens, and a token may get zero, one or several experts. Needs only torch.
+reference_numpy.py is the same algorithm in NumPy; moe/ extends MoE through `route` or `experts`.
 
 Equations (paper Sec. 3.2), per routing group of n tokens:
     S = Softmax(X W_g)                      router probabilities, softmax over experts   [n, e]
@@ -14,24 +12,24 @@ Equations (paper Sec. 3.2), per routing group of n tokens:
     X_in = P X,  P = OneHot(I)    (Eq. 3)   dispatch (a gather here, no one-hot)          [e, k, d]
     X_e[i] = GeLU(X_in[i] W1[i]) W2[i]      expert FFN, tanh-GELU, no biases             [e, k, d]
     X_out[l] = sum_ij P[i,j,l] G[i,j] X_e[i,j]   (Eq. 4)  combine (scatter-add)          [n, d]
-
 Shape legend: B batch, T sequence length, d model width, f expert hidden width, e experts,
 n tokens in a routing group, k slots per expert, s slots per expert when they vary, c capacity
 factor, G routing groups, "..." leading group dimensions.
 
-Decisions where the paper is silent (docs/decisions.md has the why):
-- k = ceil(n c / e), never below 1: a group of one token (batch size 1) gets k = 1.
-- Ties go to the lower token index; an expert's slots are ordered best score first.
-- Routing groups (MoE.group): "position" (default: the tokens that share a position across the
-  batch; causal, safe in a decoder), "sequence" (each row) or "batch" (all B*T tokens, the
-  paper's literal n; in a decoder a token's routing then depends on FUTURE tokens).
-- Inference at any batch size: eval_routing="threshold" sends token t to expert i iff
-  S[t, i] >= threshold[i], thresholds learned during training (an EMA of each expert's k-th
-  best score). The router runs in float32 (float64 for float64 inputs), also under autocast.
+Use: `moe = MoE(d, f, e)` in place of a block's MLP, `y = moe(x).y` for x [B, T, d].
+- Train in train(): each forward also learns a threshold per expert (an EMA of its k-th best
+  score). aux_loss is 0 for expert choice; add 1e-3 * z_loss to the loss if you like.
+- Evaluate and generate (batch size 1 too) in eval(): the default eval_routing="auto" sends token
+  t to expert i iff S[t, i] >= threshold[i]: causal, and the same at every batch size.
+- Save model.state_dict(): the thresholds are buffers in it.
+Decisions the paper leaves open (docs/decisions.md): ties go to the lower token index, slots best
+first; MoE.group "position" (default: a position across the batch; causal) or "sequence"/"batch"
+(the paper's n: they see FUTURE tokens, encoders only); the router runs in float32 even under autocast.
 """
 import argparse
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -39,57 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GROUPS = ("position", "sequence", "batch")
-
-
-# ----------------------------------------------------------------------------- input checks
-def check_tensor(value, name, min_dim, floating=True, check_values=True):
-    """ValueError naming `name` unless value is a non-empty tensor with >= min_dim dims (and, with
-    check_values, finite: that reads the values, i.e. a host sync on a GPU)."""
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
-    if floating and not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor; got dtype {value.dtype}")
-    if value.dim() < min_dim or 0 in value.shape:
-        raise ValueError(f"{name} must be a non-empty tensor with at least {min_dim} dims; "
-                         f"got shape {tuple(value.shape)}")
-    if check_values and floating and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
-
-
-def check_probs(probs, name="probs"):
-    """ValueError unless probs is a finite tensor [..., n, e] with values in [0, 1]."""
-    check_tensor(probs, name, 2)
-    if bool((probs < 0).any()) or bool((probs > 1).any()):
-        raise ValueError(f"{name} must lie in [0, 1]")
-
-
-def check_int(value, name, low, high=math.inf):
-    """ValueError unless value is an integer in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
-
-
-def check_number(value, name, low, high=math.inf, low_open=True, high_open=False):
-    """ValueError unless value is a real number in the interval (low, high] (ends as given)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-        and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}; got {value!r}")
-
-
-def autocast_on(device_type):
-    """Whether autocast is on for this device type (torch >= 2.4 takes the device type)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch 2.3
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+EVAL_ROUTINGS = ("auto", "threshold", "group")
+# Input guards (check_*) and autocast_on sit at the end of the file: the algorithm comes first.
 
 
 # ----------------------------------------------------------------------------- router
 def router_logits(x, w_router, validate=True):
-    """Router logits X W_g in float32 (float64 for float64 x), autocast off.
-    x [..., n, d], w_router [d, e] -> logits [..., n, e]."""
+    """X W_g in float32 (float64 for float64 x), autocast off. x [..., n, d], w_router [d, e] -> [..., n, e]."""
     if validate:
         check_tensor(x, "x", 2)
         check_tensor(w_router, "w_router", 2)
@@ -119,16 +73,14 @@ def expert_capacity(n_tokens, n_experts, capacity_factor):
 # ----------------------------------------------------------------------------- routing
 def expert_choice(probs, k, validate=True):
     """(Eq. 2) G, I = TopK(S^T, k): each expert takes its k highest-probability tokens.
-
-    probs [..., n, e] -> gates [..., e, k] (raw probs, differentiable), token_index [..., e, k].
-    Slot order: best score first, ties to the lower token index."""
+    probs [..., n, e] -> gates [..., e, k] (raw probs, differentiable), token_index [..., e, k];
+    slots best score first, ties to the lower token index."""
     if validate:
         check_probs(probs)
         check_int(k, "k", 1, probs.shape[-2])
     S_T = probs.transpose(-1, -2)  # [..., e, n]
-    # The same as torch.sort(S_T, descending=True, stable=True).indices[..., :k], but sorting all
-    # n scores costs ~10x more than topk at n = 8192. So: find each expert's k-th best score, take
-    # every token above it plus the lowest-index tokens tied with it, then sort just those k.
+    # = torch.sort(S_T, descending=True, stable=True).indices[..., :k], ~10x faster at n = 8192: take
+    # the tokens above each expert's k-th best score plus the lowest-index ties, then sort only those k.
     scores = S_T.detach()
     kth_best = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [..., e, 1]
     above, tied = scores > kth_best, scores == kth_best  # [..., e, n]
@@ -147,12 +99,9 @@ def expert_choice(probs, k, validate=True):
 
 
 def threshold_choice(probs, threshold, validate=True):
-    """Expert choice by threshold: token t goes to expert i iff probs[t, i] >= threshold[i].
-
-    probs [..., n, e], threshold [e] -> gates [..., e, s], token_index [..., e, s] (-1 = empty
-    slot), s = the most tokens any expert takes (>= 1). A token's experts never depend on the
-    other tokens: causal, and the same at every batch size. s depends on the data: one host sync.
-    Slot order as expert_choice."""
+    """Token t goes to expert i iff probs[t, i] >= threshold[i]: no other token involved, so causal
+    and the same at every batch size. probs [..., n, e], threshold [e] -> gates, token_index [..., e, s]
+    (-1: empty slot; slots as expert_choice), s = most tokens any expert takes (>= 1; one host sync)."""
     if validate:
         check_probs(probs)
         check_tensor(threshold, "threshold", 1)
@@ -170,10 +119,9 @@ def threshold_choice(probs, threshold, validate=True):
 
 # ----------------------------------------------------------------------------- experts
 def dispatch(x, gates, token_index):
-    """(Eq. 3) X_in = P X as a gather; all groups' slots of one expert side by side.
-
-    x [..., n, d], gates/token_index [..., e, s] -> X_in [e, G*s, d], flat_index [e, G*s] (the
-    row of x.reshape(-1, d) each slot reads), gate_per_slot [e, G*s, 1] (0 for empty slots)."""
+    """(Eq. 3) X_in = P X as a gather, all groups' slots of one expert side by side. x [..., n, d],
+    gates/token_index [..., e, s] -> X_in [e, G*s, d], flat_index [e, G*s] (the row of
+    x.reshape(-1, d) each slot reads), gate_per_slot [e, G*s, 1] (0 for empty slots)."""
     *lead, n, d = x.shape
     e, s = gates.shape[-2:]
     x_flat = x.reshape(-1, d)  # [G*n, d]
@@ -195,12 +143,10 @@ def expert_ffn(X_in, w_in, w_out):
 
 def combine(x, X_e, flat_index, gate_per_slot):
     """(Eq. 4) X_out[l] = sum_ij P[i,j,l] G[i,j] X_e[i,j], as a scatter-add in x's dtype.
-    x [..., n, d] (shape and dtype only), X_e [e, m, d], flat_index [e, m], gate_per_slot [e, m, 1]."""
+    x [..., n, d] (shape and dtype only), X_e [e, m, d], flat_index [e, m], gate_per_slot [e, m, 1].
+    CUDA's index_add_ sums in no fixed order: torch.use_deterministic_algorithms(True) pins the bits."""
     e, m = flat_index.shape
     weighted = X_e.to(x.dtype) * gate_per_slot  # [e, m, d]
-    # On CUDA index_add_ adds duplicate indices (a token taken by several experts) in no fixed
-    # order, so the last bits of y can vary between runs; CPU is deterministic. For bitwise
-    # reproducible GPU runs call torch.use_deterministic_algorithms(True).
     y = torch.zeros_like(x.reshape(-1, x.shape[-1])).index_add_(0, flat_index.reshape(-1),
                                                                  weighted.reshape(e * m, -1))
     return y.view(x.shape)
@@ -210,23 +156,7 @@ def moe_ffn(x, gates, token_index, w_in, w_out, validate=True):
     """(Eq. 3-4) Dispatch, expert FFNs, combine. x [..., n, d], gates/token_index [..., e, s],
     w_in [e, d, f], w_out [e, f, d] -> y [..., n, d]; slots with index -1 add nothing."""
     if validate:
-        check_tensor(x, "x", 2)
-        check_tensor(gates, "gates", 2)
-        check_tensor(token_index, "token_index", 2, floating=False)
-        check_tensor(w_in, "w_in", 3)
-        check_tensor(w_out, "w_out", 3)
-        if token_index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"token_index must be int32 or int64; got {token_index.dtype}")
-        if gates.shape != token_index.shape or gates.shape[:-2] != x.shape[:-2]:
-            raise ValueError(f"gates and token_index must both have shape [..., e, s] with the "
-                             f"leading dims of x {tuple(x.shape[:-2])}; got {tuple(gates.shape)} "
-                             f"and {tuple(token_index.shape)}")
-        e, d, f = w_in.shape if w_in.dim() == 3 else (None, None, None)
-        if d != x.shape[-1] or e != gates.shape[-2] or w_out.shape != (e, f, d):
-            raise ValueError(f"w_in must be [e={gates.shape[-2]}, d={x.shape[-1]}, f] and w_out "
-                             f"[e, f, d]; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
-        if bool((token_index < -1).any()) or bool((token_index >= x.shape[-2]).any()):
-            raise ValueError(f"token_index must lie in [-1, {x.shape[-2]}) (-1 = empty slot)")
+        check_moe_ffn_inputs(x, gates, token_index, w_in, w_out)
     X_in, flat_index, gate_per_slot = dispatch(x, gates, token_index)  # [e, G*s, d]
     return combine(x, expert_ffn(X_in, w_in, w_out), flat_index, gate_per_slot)
 
@@ -256,6 +186,7 @@ class Routing(NamedTuple):
     token_index: torch.Tensor  # [G, e, s] token of each slot in its group (-1: empty)
     demand: torch.Tensor  # [G, e] tokens that asked for each expert (expert choice: k)
     aux_loss: torch.Tensor  # balance loss, unweighted (expert choice: 0, Sec. 4.1)
+    capacity: int  # the bucket k = expert_capacity(n, e, c) of this group size (demand vs k)
 
 
 class RoutingStats(NamedTuple):
@@ -296,24 +227,21 @@ class MoE(nn.Module):
     """Mixture-of-Experts FFN layer with expert-choice routing: y = sum of gated expert outputs.
 
     - d_model, d_ff, n_experts: model width d, expert hidden width f, number of experts e.
-    - capacity_factor: c, expert slots per token; each group of n tokens gets
-      k = expert_capacity(n, e, c) slots per expert (c = 2 matches top-2's compute).
-    - group: which tokens compete for the slots: "position" (default, causal), "sequence" or
-      "batch" (see the module docstring).
-    - eval_routing: "group" (eval routes like training) or "threshold" (eval routes token by
-      token against learned thresholds: causal and the same at batch size 1).
+    - capacity_factor: c; a group of n tokens gets k = expert_capacity(n, e, c) slots per expert.
+    - group: which tokens compete for the slots: "position" (default, causal), "sequence", "batch".
+    - eval_routing, how eval() routes: "auto" (default) by the thresholds once learned or loaded,
+      else by group with a warning; "threshold" by them (ValueError if none); "group" as in training.
     - threshold_decay: EMA decay of the thresholds (0.99: about the last 100 training forwards).
-    - check_inputs: check values (x finite, probabilities not NaN), which costs a host sync on a
-      GPU. None (default): on CPU only; True: always; False: never. Shape checks always run.
+    - check_inputs: check values (x finite, probabilities not NaN; a host sync on a GPU). None
+      (default): on CPU only; True: always; False: never. Shape checks always run.
     Parameters w_router [d, e] (std 0.02), w_in [e, d, f], w_out [e, f, d], as in reference_numpy.
-    Buffers: threshold [e] (float32 whatever the layer's dtype) and threshold_updates (forwards
-    the EMA has seen; the first one sets it). They move only in training mode.
-    Extension points: `route(probs) -> Routing` (other routers override it, see moe/) and
-    `experts(x_groups, gates, token_index) -> y` (expert parallelism overrides it).
+    Buffers threshold [e] (float32 at any layer dtype) and threshold_updates change in training only.
+    Extension points: `route(probs) -> Routing` (other routers, moe/) and
+    `experts(x_groups, gates, token_index) -> y` (expert parallelism).
     """
 
     def __init__(self, d_model, d_ff, n_experts, capacity_factor=2.0, group="position",
-                 eval_routing="group", threshold_decay=0.99, check_inputs=None):
+                 eval_routing="auto", threshold_decay=0.99, check_inputs=None):
         super().__init__()
         check_int(d_model, "d_model", 1)
         check_int(d_ff, "d_ff", 1)
@@ -321,8 +249,7 @@ class MoE(nn.Module):
         check_number(capacity_factor, "capacity_factor", 0)
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}; got {group!r}")
-        if eval_routing not in ("group", "threshold"):
-            raise ValueError(f"eval_routing must be 'group' or 'threshold'; got {eval_routing!r}")
+        check_eval_routing(eval_routing)
         check_number(threshold_decay, "threshold_decay", 0, 1, low_open=False, high_open=True)
         if check_inputs not in (None, True, False):
             raise ValueError(f"check_inputs must be None (auto: on CPU), True or False; got {check_inputs!r}")
@@ -336,14 +263,14 @@ class MoE(nn.Module):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self):
+        shown = self.eval_routing != "auto" and self.threshold is not None
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, "
                 f"capacity_factor={self.capacity_factor}, group={self.group!r}"
-                + (", eval_routing='threshold'" if self.eval_routing == "threshold" else "")
+                + (f", eval_routing={self.eval_routing!r}" if shown else "")
                 + ("" if self.check_inputs is None else f", check_inputs={self.check_inputs}"))
 
     def _apply(self, fn, *args, **kwargs):
-        """model.half() / .to(bfloat16) would round the thresholds so coarsely that their EMA
-        stops moving (0.10 -> 0.11 in 1,000 bf16 steps ends at 0.1001): keep them float32."""
+        """Keep the thresholds float32 under model.half() / .to(bfloat16): in bf16 the EMA stops moving."""
         before = self.threshold
         super()._apply(fn, *args, **kwargs)
         if before is not None and self.threshold.dtype not in (torch.float32, torch.float64):
@@ -351,8 +278,8 @@ class MoE(nn.Module):
         return self
 
     def group_tokens(self, x):
-        """x [B, T, d] -> [G, n, d]: "batch" [1, T*B, d] (token t*B + b), "sequence" [B, T, d],
-        "position" [T, B, d]."""
+        """x [B, T, d] -> [G, n, d]: "position" [T, B, d], "sequence" [B, T, d], "batch" [1, T*B, d]
+        (token t*B + b)."""
         B, T, d = x.shape
         if self.group == "batch":
             return x.transpose(0, 1).reshape(1, T * B, d)
@@ -365,29 +292,50 @@ class MoE(nn.Module):
         return y if self.group == "sequence" else y.transpose(0, 1)
 
     def route(self, probs):
-        """probs [G, n, e] -> Routing. Training and eval_routing="group": expert choice (Eq. 1-2),
-        and in training the thresholds learn; eval with eval_routing="threshold": threshold_choice."""
+        """probs [G, n, e] -> Routing. Training: expert choice (Eq. 1-2), and the thresholds learn.
+        Eval: threshold_choice if routes_by_threshold(), else expert choice as in training."""
         n, e = probs.shape[-2:]
-        k = expert_capacity(n, e, self.capacity_factor)
+        k = expert_capacity(n, e, self.capacity_factor)  # (Eq. 1)
         zero = probs.new_zeros(())
-        if self.eval_routing not in ("group", "threshold"):  # the attribute may have been set
-            raise ValueError(f"eval_routing must be 'group' or 'threshold'; got {self.eval_routing!r}")
-        if not self.training and self.eval_routing == "threshold":
-            if int(self.threshold_updates) == 0:  # a sync, in eval only
-                raise ValueError("eval_routing='threshold' needs thresholds learned in training; "
-                                 "this layer has never run a training-mode forward")
+        if self.routes_by_threshold():
             gates, token_index = threshold_choice(probs, self.threshold, validate=False)  # [G, e, s]
-            return Routing(gates, token_index, (token_index >= 0).sum(-1).float(), zero)
+            return Routing(gates, token_index, (token_index >= 0).sum(-1).float(), zero, k)
+        if round(e * k / (n * self.capacity_factor), 9) >= 2:  # k clipped up: a degenerate bucket
+            self.warn_once("degenerate", f"expert choice in routing groups of n={n} tokens: k = ceil(n*c/e)"
+                           f" = {k} for each of e={e} experts gives e*k/n = {e * k / n:g} experts per "
+                           f"token, >= 2x capacity_factor c={self.capacity_factor:g}. Use larger groups "
+                           f"(a bigger batch) or, in eval, eval_routing='auto' or 'threshold'.")
         gates, token_index = expert_choice(probs, k, validate=False)  # (Eq. 2) [G, e, k]
         if self.training:
             self.update_threshold(gates.detach()[..., -1])  # each group's k-th best (slots best first)
-        return Routing(gates, token_index, torch.full(gates.shape[:-1], float(k), device=probs.device), zero)
+        return Routing(gates, token_index, torch.full(gates.shape[:-1], float(k), device=probs.device), zero, k)
+
+    def routes_by_threshold(self):
+        """Whether this forward routes by the thresholds (eval only, as eval_routing says; a host sync)."""
+        check_eval_routing(self.eval_routing)  # the attribute may have been set
+        if self.training or self.eval_routing == "group":
+            return False
+        if int(self.threshold_updates) > 0:
+            return True
+        if self.eval_routing == "threshold":
+            raise ValueError("eval_routing='threshold' needs thresholds learned in training; "
+                             "this layer has never run a training-mode forward")
+        self.warn_once("untrained", "eval_routing='auto' in an untrained layer: eval() routes by group "
+                       "as in training (batch-dependent). Train it or load its trained state_dict "
+                       "first (thresholds), or set eval_routing='group' explicitly.")
+        return False
+
+    def warn_once(self, key, message):
+        """warnings.warn(message) the first time this layer meets `key`."""
+        warned = self.__dict__.setdefault("warned", set())
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     @torch.no_grad()
     def update_threshold(self, cutoffs):
-        """EMA of each expert's cutoff, cutoffs [G, e] averaged over the groups (expert choice:
-        each group's k-th best score, an estimate of the expert's (1 - k/n) score quantile); the
-        first update sets it. No host sync."""
+        """EMA of each expert's cutoff, cutoffs [G, e] averaged over the groups (each group's k-th
+        best score: the expert's (1 - k/n) score quantile); the first sets it. No host sync."""
         cutoff = self.mean_over_groups(cutoffs).to(self.threshold.dtype)  # [e]
         ema = self.threshold_decay * self.threshold + (1 - self.threshold_decay) * cutoff
         self.threshold.copy_(torch.where(self.threshold_updates == 0, cutoff, ema))
@@ -426,26 +374,91 @@ class MoE(nn.Module):
                 raise ValueError("router probabilities are NaN (check w_router for NaN/inf)")
             r = self.route(probs)  # (Eq. 1-2) gates, token_index [G, e, s]
         y = self.experts(x_groups, r.gates, r.token_index)  # (Eq. 3-4) [G, n, d]
-        n = probs.shape[-2]
-        stats = routing_stats(r.token_index, r.demand, n, expert_capacity(n, self.n_experts, self.capacity_factor))
+        stats = routing_stats(r.token_index, r.demand, probs.shape[-2], r.capacity)
         return MoEOutput(self.ungroup_tokens(y, B, T), r.aux_loss, router_z_loss(logits, validate=False).mean(), stats)
+
+
+# ----------------------------------------------------------------------------- input guards
+def check_tensor(value, name, min_dim, floating=True, check_values=True):
+    """ValueError naming `name` unless value is a non-empty tensor with >= min_dim dims (and, with
+    check_values, finite: that reads the values, i.e. a host sync on a GPU)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {value.dtype}")
+    if value.dim() < min_dim or 0 in value.shape:
+        raise ValueError(f"{name} must be a non-empty tensor with at least {min_dim} dims; "
+                         f"got shape {tuple(value.shape)}")
+    if check_values and floating and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+
+
+def check_probs(probs, name="probs"):
+    check_tensor(probs, name, 2)
+    if bool((probs < 0).any()) or bool((probs > 1).any()):
+        raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def check_int(value, name, low, high=math.inf):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
+
+
+def check_number(value, name, low, high=math.inf, low_open=True, high_open=False):
+    """ValueError unless value is a real number in the interval (low, high] (ends as given)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}; got {value!r}")
+
+
+def check_eval_routing(value):
+    if value not in EVAL_ROUTINGS:
+        raise ValueError(f"eval_routing must be 'auto', 'threshold' or 'group'; got {value!r}")
+
+
+def check_moe_ffn_inputs(x, gates, token_index, w_in, w_out):
+    """moe_ffn's arguments: shapes that fit together, int token_index in [-1, n), finite floats."""
+    check_tensor(x, "x", 2)
+    check_tensor(gates, "gates", 2)
+    check_tensor(token_index, "token_index", 2, floating=False)
+    check_tensor(w_in, "w_in", 3)
+    check_tensor(w_out, "w_out", 3)
+    if token_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_index must be int32 or int64; got {token_index.dtype}")
+    if gates.shape != token_index.shape or gates.shape[:-2] != x.shape[:-2]:
+        raise ValueError(f"gates and token_index must both have shape [..., e, s] with the leading dims of x "
+                         f"{tuple(x.shape[:-2])}; got {tuple(gates.shape)} and {tuple(token_index.shape)}")
+    e, d, f = w_in.shape if w_in.dim() == 3 else (None, None, None)
+    if d != x.shape[-1] or e != gates.shape[-2] or w_out.shape != (e, f, d):
+        raise ValueError(f"w_in must be [e={gates.shape[-2]}, d={x.shape[-1]}, f] and w_out "
+                         f"[e, f, d]; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
+    if bool((token_index < -1).any()) or bool((token_index >= x.shape[-2]).any()):
+        raise ValueError(f"token_index must lie in [-1, {x.shape[-2]}) (-1 = empty slot)")
+
+
+def autocast_on(device_type):
+    """Whether autocast is on for this device type (torch >= 2.4 takes the device type)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch 2.3
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 # ----------------------------------------------------------------------------- a demo
 def demo(steps=200, seed=0):
-    """Train a 2-layer model with one MoE layer to copy a token 3 positions back; returns the
-    first and last loss. Shows the layer working with nothing but this file and torch."""
+    """Train a 2-layer model with one MoE layer to copy a token 3 positions back -> (first loss,
+    last loss). Shows the layer working with nothing but this file and torch."""
     torch.manual_seed(seed)
     V, d, B, T = 16, 32, 16, 12
     emb, moe, head = nn.Embedding(V, d), MoE(d, 64, n_experts=4, capacity_factor=2.0), nn.Linear(d, V)
-    params = [*emb.parameters(), *moe.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-2)
+    opt = torch.optim.Adam([*emb.parameters(), *moe.parameters(), *head.parameters()], lr=1e-2)
     losses = []
     for _ in range(steps):
         ids = torch.randint(V, (B, T))
         x = emb(ids) + emb(ids.roll(3, dims=1))  # the answer is in the input: the MoE must map it
-        out = moe(x)
-        loss = F.cross_entropy(head(x + out.y)[:, 3:].reshape(-1, V), ids[:, :-3].reshape(-1))
+        loss = F.cross_entropy(head(x + moe(x).y)[:, 3:].reshape(-1, V), ids[:, :-3].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -457,6 +470,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="ecmoe.py: the expert-choice MoE layer. Import it "
                                 "(`from ecmoe import MoE`); run it to train a tiny demo model.")
     p.add_argument("--steps", type=int, default=200, help="demo training steps")
-    args = p.parse_args()
-    first, last = demo(args.steps)
-    print(f"demo: loss {first:.3f} -> {last:.3f} after {args.steps} steps (MoE(32, 64, n_experts=4))")
+    steps = p.parse_args().steps
+    first, last = demo(steps)
+    print(f"demo: loss {first:.3f} -> {last:.3f} after {steps} steps (MoE(32, 64, n_experts=4))")

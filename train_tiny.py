@@ -11,6 +11,7 @@ the run could see a difference at all. Statistics, tables and plots: lab/compare
     python train_tiny.py --help               # every flag with its default
     python train_tiny.py --dry-run            # two steps of every router, tiny, for CI
     python train_tiny.py --arch t5            # the T5 encoder-decoder with span corruption
+    python train_tiny.py --preset gpu         # one GPU: the scale ladder's rung d=512 (rung())
     python train_tiny.py --resume             # continue an interrupted run (same result)
     python train_tiny.py --data notes.txt     # any UTF-8 text file instead of the stdlib
     python -m lab.compare runs/tiny           # statistics of a finished (or partial) run
@@ -25,6 +26,8 @@ only causal byte LM, loss on every position (the paper's GLaM setting; the defau
 positive control passes). --arch t5: encoder-decoder with T5 span corruption (noise density
 0.15, mean span 3); the encoder routes over the whole batch. ROUTER_aa (e.g. top2_aa) is the null
 control: ROUTER's model and initial weights on another data order; compare must find nothing.
+A run is named by its label (moe.routers.resolve): the router's name, plus "@cC" when the run's
+capacity factor C (--capacity-factor) is not the router's own, e.g. "ec2@c1".
 Token-choice runs add 0.01 * Switch load-balancing loss, EC none (Sec. 4.1); every MoE run adds
 1e-3 * router z-loss (ST-MoE). The LM and T5-decoder MoE layers route in group="position"
 (tokens sharing a position across the batch, Sec. 6): causal for every router; --group-size g
@@ -43,7 +46,6 @@ Shape legend: B batch, S encoder length, T decoder / LM length, d model width, V
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import platform
 import shlex
@@ -65,11 +67,10 @@ from lab.distributed import World, join, leave, world_size
 from lab.evaluation import evaluate, expert_choice_layers, inference_eval, stat_vector, stats_dict
 from lab.files import load_checkpoint, save_checkpoint, strict, write_json
 from lab.model import DenseFFN, GatedGeluFFN, TinyLM, TinyT5
-from lab.runner import Progress, hardware, plan_jobs, run_jobs
+from lab.runner import Progress, closure_sha256, hardware, import_closure, plan_jobs, run_jobs
 from moe.capped import CappedMoE
-from moe.routers import (NULL_SUFFIX, ROUTERS, base_router, capacity_factor, is_token_choice,
-                         make_layer, parse_routers)
-from moe.token_choice import LossFreeMoE, TokenChoiceMoE
+from moe.routers import ROUTERS, parse_routers, resolve, token_choice
+from moe.token_choice import LossFreeMoE
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: ONE dataclass; the command line is built from it, so `--help` shows every default.
@@ -79,11 +80,14 @@ from moe.token_choice import LossFreeMoE, TokenChoiceMoE
 class Config:
     arch: str = flag("lm", "lm (decoder-only byte LM) | t5 (encoder-decoder, span corruption, "
                      "T5_PRESET)")
-    preset: str = flag("auto", "cpu | gpu | auto (gpu on CUDA); gpu: GPU_PRESET")
+    preset: str = flag("auto", "cpu | gpu | auto (gpu on CUDA); gpu: GPU_PRESET, the scale "
+                       "ladder's rung d=512 (rung(512), LADDER_ROUTERS + top2_dropless)")
     quick: bool = flag(False, "a first look: one seed of top2, ec2, dense, 150 steps, into "
                        "runs/quick (1-2 min on 2 CPU cores); too little to tell routers apart")
     routers: str = flag("top2,ec2,dense,top2_aa", "comma list from " + ",".join(ROUTERS) + ", "
-                        "and ROUTER_aa (null control); cap2/cap3 are 2-3.5x slower on CPU")
+                        "and ROUTER_aa (null control), ROUTER@cC (at c = C); a run is named "
+                        "ROUTER@cC when --capacity-factor C differs from ROUTER's own c; cap2/cap3 "
+                        "are 2-3.5x slower on CPU")
     seeds: str = flag("0,1,2", "comma list of seeds (init + data order, paired across routers)")
     steps: int = flag(600, "training steps per run")
     eval_every: int = flag(50, "validate every N steps (and at the last step)")
@@ -98,8 +102,9 @@ class Config:
     enc_layers: int = flag(4, "t5 encoder layers (odd ones are MoE); unused by lm")
     dec_layers: int = flag(4, "decoder layers: the whole model in lm (odd ones are MoE)")
     experts: int = flag(16, "experts per MoE layer e")
-    capacity_factor: float | None = flag(None, "expert slots per token c of every MoE router; "
-                                         "None: each router's own (moe/routers.py)")
+    capacity_factor: float | None = flag(None, "expert slots per token c of every MoE router "
+                                         "(runs named ROUTER@cC where C is not the router's "
+                                         "own); None: each router's own (moe/routers.py)")
     group_size: int = flag(0, "lm / t5-decoder MoE layers route in position groups of this many "
                            "sequences (must divide --batch-size); 0 = the whole batch")
     lr: float = flag(3e-3, "peak learning rate")
@@ -115,8 +120,9 @@ class Config:
     bias_rate: float = flag(1e-3, "top2_lossfree: step u of the balancing bias after each "
                             "optimizer step, b_i += u sign(mean load - load_i)")
     z_loss_weight: float = flag(1e-3, "router z-loss weight (all MoE routers)")
-    decoder_router: str = flag("same", "t5: same | token (flaxformer: top-2 token choice in the "
-                               "decoder)")
+    decoder_router: str = flag("same", "t5: same | token (flaxformer: top-2 token choice at the "
+                               "router's c in the decoder; the console and results.json "
+                               "decoder_routers say what each router became)")
     decoder_group: str = flag("position", "routing group in the lm / t5 decoder; only 'position' "
                               "is causal for EC ('batch', the paper's literal n, leaks the future)")
     encoder_group: str = flag("batch", "t5: routing group in the encoder: batch | sequence | "
@@ -246,21 +252,29 @@ def val_batches(corpus, cfg):
 # Model: lab/model.py's blocks; here, which FFN each layer gets and the paired initialisation.
 
 
+def layer_router(cfg, router, stack):
+    """The router (moe.routers.resolve) of the MoE layers of `stack` in a run of `router`: the
+    run's own, except that --decoder-router token gives the t5 decoder top-2 token choice at the
+    same c (flaxformer) in place of any router that is not token choice."""
+    r = resolve(router, cfg.capacity_factor)
+    if stack == "dec" and cfg.decoder_router == "token" and r.layer is not None \
+            and not r.token_choice:
+        return resolve("top2", r.capacity_factor)
+    return r
+
+
 def make_ffn(cfg, router, stack, i):
-    """The FFN of layer i: gated GELU in even layers; in odd layers the router's MoE layer
-    (moe/routers.py), or the dense FFN of width 2f for router 'dense'."""
+    """The FFN of layer i: gated GELU in even layers; in odd layers the MoE layer of
+    layer_router, or the dense FFN of width 2f for router 'dense'."""
     if i % 2 == 0:
         return GatedGeluFFN(cfg.d_model, cfg.d_ff)
-    if base_router(router) == "dense":
+    r = layer_router(cfg, router, stack)
+    if r.layer is None:
         return DenseFFN(cfg.d_model, 2 * cfg.d_ff)
-    c = capacity_factor(router, cfg.capacity_factor)
-    name = base_router(router)
-    if stack == "dec" and cfg.decoder_router == "token" and not is_token_choice(name):
-        name = "top2"                     # flaxformer: top-2 token choice in the decoder (same c)
-    extra = dict(max_iter=cfg.cap_iters) if ROUTERS[name].layer is CappedMoE else \
-        dict(bias_rate=cfg.bias_rate) if ROUTERS[name].layer is LossFreeMoE else {}
+    extra = dict(max_iter=cfg.cap_iters) if r.layer is CappedMoE else \
+        dict(bias_rate=cfg.bias_rate) if r.layer is LossFreeMoE else {}
     group = cfg.encoder_group if stack == "enc" else cfg.decoder_group
-    return make_layer(name, cfg.d_model, cfg.d_ff, cfg.experts, c, group=group, **extra)
+    return r.build(cfg.d_model, cfg.d_ff, cfg.experts, group=group, **extra)
 
 
 def build_model(cfg, router):
@@ -322,7 +336,7 @@ def loss_fn(model, batch, cfg):
     loss = ce
     for o, (_, moe) in zip(outs, model.moe_layers()):
         loss = loss + cfg.z_loss_weight * o.z_loss
-        if isinstance(moe, TokenChoiceMoE):
+        if token_choice(type(moe)):
             loss = loss + cfg.aux_loss_weight * o.aux_loss
     return ce, loss, outs
 
@@ -372,17 +386,18 @@ def load_model(run_dir, router, seed, device="cpu"):
     return model.to(device).eval(), cfg
 
 
-CODE = ("train_tiny.py", "ecmoe.py", "moe/routers.py", "moe/token_choice.py", "moe/capped.py",
-        "moe/threshold.py", "moe/parallel.py", "lab/model.py", "lab/corpus.py", "lab/evaluation.py",
-        "lab/distributed.py")
+def code_files():
+    """The files a run's result depends on: train_tiny.py and every project file it imports, at
+    any depth (lab.runner.import_closure: derived from the imports, not a hand-kept list). The
+    whole closure, report-only modules too (lab/compare, lab/stats write results.md, not the
+    losses): the simplest rule that cannot miss a file, at the price that a change to the
+    report also stops a --resume (remove the checkpoints or use another --out)."""
+    return import_closure(Path(__file__).parent, "train_tiny.py")
 
 
 def code_sha256():
-    """Hash of the code that determines a run's result (the files in CODE)."""
-    h = hashlib.sha256()
-    for f in CODE:
-        h.update((Path(__file__).parent / f).read_bytes())
-    return h.hexdigest()
+    """Hash of the code that determines a run's result (the files of code_files())."""
+    return closure_sha256(Path(__file__).parent, "train_tiny.py")
 
 
 def result_config(cfg, corpus_info=None, world=World()):
@@ -400,118 +415,182 @@ CKPT_EVERY_EVALS = 4   # checkpoint every 4th validation (and when --stop-after 
 CKPT_KEYS = ("model", "opt", "step", "log", "rng", "config")
 
 
-def label(router, seed):                 # of a run, in the progress lines
+def job_name(router, seed):              # of a run, in the progress lines
     return f"{router:>13} s{seed}"
+
+
+@dataclass
+class Run:
+    """One (router, seed) run between steps: what run_one's parts share. router: its label
+    (moe.routers.resolve); log: everything a checkpoint and the result keep; vals: the fixed
+    validation batches (this rank's rows); names, ec: the MoE layers' names and the expert-choice
+    layers (lab.evaluation); the window since the last validation: routing statistics win
+    [n_moe, 9], training losses win_loss (left on the device), win_n steps."""
+    cfg: Config
+    router: str
+    seed: int
+    data_seed: int
+    world: World
+    device: torch.device
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    log: dict
+    start: int                          # first step to train
+    vals: list
+    names: list
+    ec: list
+    win: torch.Tensor
+    win_loss: list = dataclasses.field(default_factory=list)
+    win_n: int = 0
+
+
+def start_or_resume(cfg, router, seed, corpus, world):
+    """Build the run's model (paired init) and optimiser, and restore model, optimiser, RNG,
+    step and log from its checkpoint when --resume finds one. -> Run."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(seed)
+    model = build_model(cfg, router)
+    init_weights(model, seed)
+    world.shard(model).to(device)           # torchrun: this rank's experts only
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.0)
+    names, ec = [n for n, _ in model.moe_layers()], expert_choice_layers(model)
+    log = dict(train_loss=[], val_step=[], val_loss=[], val_batch_loss=[], val_time=[],
+               stats_window=[], stats_sum=[[0.0] * 9 for _ in names], train_time=0.0,
+               stat_steps=0, val_loss_threshold=[], thresholds=[])
+    start, ckpt_path = 0, run_paths(cfg, router, seed, world)[0]
+    if cfg.resume and ckpt_path.exists():   # main checked its config. RNG states stay on
+        ck = load_checkpoint(ckpt_path, CKPT_KEYS)   # the CPU; load_state_dict moves the rest
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"])
+        if device.type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        start, log = ck["step"], ck["log"]
+    data_seed = seed + AA_DATA_SEED if resolve(router).null_control else seed
+    return Run(cfg, router, seed, data_seed, world, device, model, opt, log, start,
+               [world.rows(b) for b in val_batches(corpus, cfg)], names, ec,
+               torch.zeros(len(names), 9, dtype=torch.float64, device=device))
+
+
+def add_to_window(run, ce, outs):
+    """One step's loss (left on the device until the next validation) and routing statistics."""
+    run.win_loss.append(ce)
+    if run.names:
+        run.win += torch.stack([stat_vector(o.stats) for o in outs])        # [n_moe, 9]
+    run.win_n += 1
+
+
+def validate_and_log(run, step):
+    """At a validation step: the window's training losses and routing statistics into the log
+    (averaged over ranks under torchrun), the validation loss as in training (and, for expert
+    choice, with the learned thresholds), then an empty window."""
+    log, world = run.log, run.world
+    world.average_window(run.win_loss, run.win)         # torchrun: the global batch's
+    log["train_loss"] += torch.stack(run.win_loss).tolist()
+    batch_losses = evaluate(run.model, run.vals, run.device, world=world)
+    log["val_step"].append(step)
+    log["val_loss"].append(float(np.mean(batch_losses)))
+    log["val_batch_loss"].append(batch_losses)
+    log["val_time"].append(log["train_time"])
+    if run.ec:  # inference thresholds: their drift, and the loss they give
+        log["thresholds"].append([m.threshold.tolist() for m in run.ec])
+        log["val_loss_threshold"].append(float(np.mean(
+            evaluate(run.model, run.vals, run.device, "threshold", world=world))))
+    if run.names:
+        log["stats_window"].append((run.win / run.win_n).tolist())
+        total = torch.tensor(log["stats_sum"], dtype=torch.float64) + run.win.cpu()
+        log["stats_sum"] = total.tolist()  # plain lists: weights_only checkpoints
+        log["stat_steps"] += run.win_n
+    run.win.zero_()
+    run.win_loss, run.win_n = [], 0
+
+
+def progress(run, step):
+    """The progress message of a validation step (lab.runner.Progress shows it)."""
+    log = run.log
+    return dict(job=job_name(run.router, run.seed), step=step, info=f"train "
+                f"{log['train_loss'][-1]:.3f}  val {log['val_loss'][-1]:.3f}  "
+                f"{log['train_time'] / step:.3f} s/step")
+
+
+def maybe_checkpoint(run, step, corpus):
+    """Checkpoint every CKPT_EVERY_EVALS-th validation, and where --stop-after stops the run
+    (only at validation steps, where the windows are empty). -> whether to stop here."""
+    cfg = run.cfg
+    stop = bool(cfg.stop_after) and step >= cfg.stop_after and step < cfg.steps
+    if stop or step % (cfg.eval_every * CKPT_EVERY_EVALS) == 0:
+        state = dict(model=run.model.state_dict(), opt=run.opt.state_dict(), step=step,
+                     log=run.log, rng=torch.get_rng_state(),
+                     config=result_config(cfg, corpus["info"], run.world))
+        if run.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+        save_checkpoint(run_paths(cfg, run.router, run.seed, run.world)[0], state)  # every rank
+    return stop
+
+
+def finish_result(run, corpus):
+    """The finished run's result dict: curves, routing statistics, inference at batch size 1;
+    saved (rank 0) with the final weights, and the checkpoint removed."""
+    cfg, log, world, model, names = run.cfg, run.log, run.world, run.model, run.names
+    S = torch.tensor(log["stats_sum"], dtype=torch.float64) / max(log["stat_steps"], 1)
+    result = dict(router=run.router, seed=run.seed, data_seed=run.data_seed, steps=cfg.steps,
+                  n_params=world.count_parameters(model), train_loss=log["train_loss"],
+                  val_step=log["val_step"], val_loss=log["val_loss"],
+                  val_batch_loss=log["val_batch_loss"], val_time=log["val_time"],
+                  final_val=log["val_loss"][-1], train_time=log["train_time"],
+                  s_per_step=log["train_time"] / cfg.steps,
+                  tokens_per_s=target_tokens_per_batch(cfg) * cfg.steps / log["train_time"],
+                  moe_layers=names,
+                  stats={n: stats_dict(S[i]) for i, n in enumerate(names)},
+                  stats_over_training={n: [stats_dict(w[i]) for w in log["stats_window"]]
+                                       for i, n in enumerate(names)},
+                  config=result_config(cfg, corpus["info"], world),
+                  inference=inference_eval(model, run.vals, run.device, world),
+                  capacity_factor=resolve(run.router, cfg.capacity_factor).capacity_factor)
+    if run.ec:
+        # threshold routing at the training batch size: the last validation measured it
+        result["inference"]["threshold_B"] = log["val_loss_threshold"][-1]
+        ec_names = [n for n, m in model.moe_layers() if m in run.ec]
+        result.update(val_loss_threshold=log["val_loss_threshold"],
+                      thresholds_over_training={n: [t[i] for t in log["thresholds"]]
+                                                for i, n in enumerate(ec_names)})
+    weights = {k: v.detach().cpu() for k, v in world.full_state(model).items()}  # collective
+    ckpt_path, done_path = run_paths(cfg, run.router, run.seed, world)
+    if world.rank == 0:
+        save_checkpoint(model_path(cfg.out, run.router, run.seed), dict(
+            model=weights, config=dataclasses.asdict(cfg), router=run.router, seed=run.seed))
+        write_json(done_path, result)
+    ckpt_path.unlink(missing_ok=True)
+    return result
 
 
 def run_one(cfg, router, seed, corpus, world=World(), report=print):
     """Train one (router, seed); returns its result dict (None if stopped by --stop-after).
 
-    `router` may be ROUTER_aa: the same model and init as ROUTER, data order of another seed."""
-    ckpt_path, done_path = run_paths(cfg, router, seed, world)
-    device = torch.device(cfg.device)
-    data_seed = seed + AA_DATA_SEED if router.endswith(NULL_SUFFIX) else seed
+    `router` is a label (moe.routers.resolve); ROUTER_aa: the same model and init as ROUTER,
+    data order of another seed. The loop: a step, and at each validation step validate, report,
+    maybe checkpoint; the parts above do the rest."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        torch.manual_seed(seed)
-        model = build_model(cfg, router)
-        init_weights(model, seed)
-        world.shard(model).to(device)           # torchrun: this rank's experts only
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                                weight_decay=0.0)
-        names = [n for n, _ in model.moe_layers()]
-        ec = expert_choice_layers(model)
-        ec_names = [n for n, m in model.moe_layers() if m in ec]
-        log = dict(train_loss=[], val_step=[], val_loss=[], val_batch_loss=[], val_time=[],
-                   stats_window=[], stats_sum=[[0.0] * 9 for _ in names], train_time=0.0,
-                   stat_steps=0, val_loss_threshold=[], thresholds=[])
-        start = 0
-        if cfg.resume and ckpt_path.exists():   # main checked its config. RNG states stay on
-            ck = load_checkpoint(ckpt_path, CKPT_KEYS)   # the CPU; load_state_dict moves the rest
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            torch.set_rng_state(ck["rng"])
-            if device.type == "cuda" and "cuda_rng" in ck:
-                torch.cuda.set_rng_state(ck["cuda_rng"], device)
-            start, log = ck["step"], ck["log"]
-        vals = [world.rows(b) for b in val_batches(corpus, cfg)]
-        win = torch.zeros(len(names), 9, dtype=torch.float64, device=device)  # stats window
-        win_loss, win_n = [], 0
-        for step in range(start, cfg.steps):
-            batch = [t.to(device) for t in world.rows(train_batch(corpus, data_seed, step, cfg))]
+        run = start_or_resume(cfg, router, seed, corpus, world)
+        for step in range(run.start, cfg.steps):
+            batch = [t.to(run.device) for t in world.rows(train_batch(corpus, run.data_seed,
+                                                                       step, cfg))]
             t0 = time.perf_counter()
-            ce, outs = train_step(model, opt, batch, step, cfg, world)
-            if device.type == "cuda":
+            ce, outs = train_step(run.model, run.opt, batch, step, cfg, world)
+            if run.device.type == "cuda":
                 torch.cuda.synchronize()        # for the step time only: one sync per step
-            log["train_time"] += time.perf_counter() - t0
-            win_loss.append(ce)                 # stays on the device until the next validation
-            if names:
-                win += torch.stack([stat_vector(o.stats) for o in outs])       # [n_moe, 9]
-            win_n += 1
-            last = step + 1 == cfg.steps
-            if (step + 1) % cfg.eval_every and not last:
+            run.log["train_time"] += time.perf_counter() - t0
+            add_to_window(run, ce, outs)
+            if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
                 continue
-            world.average_window(win_loss, win)             # torchrun: the global batch's
-            log["train_loss"] += torch.stack(win_loss).tolist()
-            batch_losses = evaluate(model, vals, device, world=world)
-            log["val_step"].append(step + 1)
-            log["val_loss"].append(float(np.mean(batch_losses)))
-            log["val_batch_loss"].append(batch_losses)
-            log["val_time"].append(log["train_time"])
-            if ec:  # inference thresholds: their drift, and the loss they give
-                log["thresholds"].append([m.threshold.tolist() for m in ec])
-                log["val_loss_threshold"].append(float(np.mean(
-                    evaluate(model, vals, device, "threshold", world=world))))
-            if names:
-                log["stats_window"].append((win / win_n).tolist())
-                total = torch.tensor(log["stats_sum"], dtype=torch.float64) + win.cpu()
-                log["stats_sum"] = total.tolist()  # plain lists: weights_only checkpoints
-                log["stat_steps"] += win_n
-            win.zero_()
-            win_loss, win_n = [], 0
-            report(dict(job=label(router, seed), step=step + 1, info=f"train "
-                        f"{log['train_loss'][-1]:.3f}  val {log['val_loss'][-1]:.3f}  "
-                        f"{log['train_time'] / (step + 1):.3f} s/step"))
-            stop = cfg.stop_after and step + 1 >= cfg.stop_after and not last
-            if stop or (step + 1) % (cfg.eval_every * CKPT_EVERY_EVALS) == 0:
-                # checkpoints only at validation steps, where the windows are empty
-                state = dict(model=model.state_dict(), opt=opt.state_dict(), step=step + 1,
-                             log=log, rng=torch.get_rng_state(),
-                             config=result_config(cfg, corpus["info"], world))
-                if device.type == "cuda":
-                    state["cuda_rng"] = torch.cuda.get_rng_state(device)
-                save_checkpoint(ckpt_path, state)       # every rank its own
-            if stop:
+            validate_and_log(run, step + 1)
+            report(progress(run, step + 1))
+            if maybe_checkpoint(run, step + 1, corpus):
                 return None
-        S = torch.tensor(log["stats_sum"], dtype=torch.float64) / max(log["stat_steps"], 1)
-        result = dict(router=router, seed=seed, data_seed=data_seed, steps=cfg.steps,
-                      n_params=world.count_parameters(model), train_loss=log["train_loss"],
-                      val_step=log["val_step"], val_loss=log["val_loss"],
-                      val_batch_loss=log["val_batch_loss"], val_time=log["val_time"],
-                      final_val=log["val_loss"][-1], train_time=log["train_time"],
-                      s_per_step=log["train_time"] / cfg.steps,
-                      tokens_per_s=target_tokens_per_batch(cfg) * cfg.steps / log["train_time"],
-                      moe_layers=names,
-                      stats={n: stats_dict(S[i]) for i, n in enumerate(names)},
-                      stats_over_training={n: [stats_dict(w[i]) for w in log["stats_window"]]
-                                           for i, n in enumerate(names)},
-                      config=result_config(cfg, corpus["info"], world),
-                      inference=inference_eval(model, vals, device, world),
-                      capacity_factor=capacity_factor(router, cfg.capacity_factor))
-        if ec:
-            # threshold routing at the training batch size: the last validation measured it
-            result["inference"]["threshold_B"] = log["val_loss_threshold"][-1]
-            result.update(val_loss_threshold=log["val_loss_threshold"],
-                          thresholds_over_training={n: [t[i] for t in log["thresholds"]]
-                                                    for i, n in enumerate(ec_names)})
-        weights = {k: v.detach().cpu() for k, v in world.full_state(model).items()}  # collective
-        if world.rank == 0:
-            save_checkpoint(model_path(cfg.out, router, seed), dict(
-                model=weights, config=dataclasses.asdict(cfg), router=router, seed=seed))
-            write_json(done_path, result)
-        ckpt_path.unlink(missing_ok=True)
-        return result
+        return finish_result(run, corpus)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -566,6 +645,28 @@ def routing_groups(cfg):
         if cfg.decoder_router == "same" else [])
 
 
+def validation_routing(cfg, world_size=1):
+    """How validation routes, in words: the console's first lines and results.json's
+    "validation_routing". cfg: the config of one process (under torchrun its batch)."""
+    stacks = routing_groups(dataclasses.replace(cfg, decoder_router="same"))
+    where = "; ".join(f"{stack}: {group} groups of n={n} tokens" for stack, group, n in stacks)
+    return (f"val_loss routes as in training: every MoE layer in its training groups ({where}) "
+            f"of validation batches of the training size ({cfg.batch_size} sequences"
+            + (f" per process, {world_size} processes" if world_size > 1 else "") + "), expert "
+            "threshold (et*) by its thresholds as in training; val_loss_threshold (runs with "
+            "expert-choice layers): those layers route each token by their learned thresholds "
+            "instead; inference: the same batches one sequence at a time (group_1 routed as in "
+            "training, threshold_1 expert choice by thresholds)")
+
+
+def decoder_routers(cfg, routers):
+    """--decoder-router token: {run label: the router of its t5 decoder's MoE layers}, e.g.
+    {"ec2": "top2", "ec1": "top2@c1", "top2": "top2", "dense": "dense"}; None otherwise."""
+    if cfg.decoder_router != "token":
+        return None
+    return {r: layer_router(cfg, r, "dec").label for r in routers}
+
+
 def join_world(cfg, parser):
     """Under torchrun: check the config for W processes, join them (lab/distributed.py)."""
     if world_size() > 1:
@@ -591,7 +692,8 @@ def main(argv=None):
 def train_all(cfg, parser, argv, world, t_start):
     """Every (router, seed) run of the config (resuming what --resume finds), then the report."""
     check_out_dir(cfg.out, parser)
-    routers, seeds = parse_routers(cfg.routers), [int(s) for s in cfg.seeds.split(",")]
+    routers = parse_routers(cfg.routers, cfg.capacity_factor)     # labels: "ec2", "ec2@c1", ...
+    seeds = [int(s) for s in cfg.seeds.split(",")]
     try:
         corpus = load_corpus(cfg.data, cfg.chunk_bytes)
     except ValueError as e:
@@ -602,7 +704,7 @@ def train_all(cfg, parser, argv, world, t_start):
                                    result_config(cfg, corpus["info"], world), cfg.resume, CKPT_KEYS)
     except ValueError as e:
         parser.error(f"--resume: {e}")
-    remaining = {label(*job): cfg.steps - step for job, step in start.items()}
+    remaining = {job_name(*job): cfg.steps - step for job, step in start.items()}
     every = world.gather(remaining)     # torchrun: every rank must resume the same runs and steps
     if any(other != every[0] for other in every):
         parser.error(f"--resume: the per-rank checkpoints in {cfg.out}/ckpt disagree between the "
@@ -613,7 +715,14 @@ def train_all(cfg, parser, argv, world, t_start):
           f"{cfg.device}, {cfg.workers} worker(s); corpus {corpus['info']['total_bytes']:,} "
           f"bytes" + (" (--quick: a first look, see the note at the end)" if cfg.quick else ""),
           flush=True)
-    with Progress([label(r, s) for r, s in jobs], remaining, cfg.steps) as show:
+    per_rank = dataclasses.replace(cfg, batch_size=cfg.batch_size // world.size)
+    validation = validation_routing(per_rank, world.size)
+    decoder = decoder_routers(cfg, routers)
+    print(f"validation: {validation}", flush=True)
+    if decoder:
+        print("--decoder-router token: the t5 decoder's MoE layers are " + ", ".join(
+            f"{r} -> {d}" for r, d in decoder.items()), flush=True)
+    with Progress([job_name(r, s) for r, s in jobs], remaining, cfg.steps) as show:
         results += run_jobs(run_one, [(cfg, r, s, corpus, world) for r, s in start], cfg.workers,
                             report=show)
     if any(r is None for r in results):
@@ -627,14 +736,16 @@ def train_all(cfg, parser, argv, world, t_start):
                versions=dict(python=platform.python_version(), torch=torch.__version__,
                              numpy=np.__version__, code_sha256=code_sha256()),
                tokens_per_batch=target_tokens_per_batch(cfg), routing_groups=routing_groups(cfg),
+               validation_routing=validation,
                runs=sorted(results, key=lambda r: (r["router"], r["seed"])))
+    if decoder:
+        res["decoder_routers"] = decoder
     if world.size > 1:
         res["command"] = shlex.join(["torchrun", f"--nproc_per_node={world.size}", "train_tiny.py",
                                      *argv])
         res["distributed"] = dict(world.describe(), batch_per_process=cfg.batch_size // world.size)
         res["hardware"]["summary"] += f", {world.size} torchrun processes ({world.backend})"
-        res["routing_groups"] = routing_groups(dataclasses.replace(
-            cfg, batch_size=cfg.batch_size // world.size))
+        res["routing_groups"] = routing_groups(per_rank)
     if world.rank:                                    # torchrun: rank 0 reports
         return res
     if cfg.arch == "t5":

@@ -8,7 +8,7 @@ import math
 
 from ecmoe import GROUPS, expert_capacity
 from moe.capped import CappedMoE
-from moe.routers import ROUTERS, base_router, capacity_factor, parse_routers
+from moe.routers import parse_routers, resolve
 
 POSITIVE = ("steps", "eval_every", "cap_iters", "val_batches", "batch_size", "d_model", "d_ff",
             "n_heads", "enc_layers", "dec_layers", "experts", "workers", "threads")
@@ -20,8 +20,10 @@ def check_config(cfg, parser, groups):
     """Every flag of a train_tiny Config (presets and the schedule already filled in); groups(cfg):
     [(stack, group, n tokens per routing group)] of its MoE layers (capped EC's feasibility),
     called once the flags it reads are checked."""
+    if cfg.capacity_factor is not None and not 0 < cfg.capacity_factor < math.inf:
+        parser.error(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
     try:
-        routers = parse_routers(cfg.routers)
+        routers = parse_routers(cfg.routers, cfg.capacity_factor)     # their labels
     except ValueError as e:
         parser.error(f"--routers: {e}")
     try:
@@ -44,8 +46,6 @@ def check_config(cfg, parser, groups):
         parser.error("--noise-density must be in (0, 1) and --mean-span >= 1")
     if cfg.chunk_bytes < 8:
         parser.error("--chunk-bytes must be >= 8")
-    if cfg.capacity_factor is not None and not 0 < cfg.capacity_factor < math.inf:
-        parser.error(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
     if not 0 <= cfg.bias_rate < math.inf:
         parser.error(f"--bias-rate must be a finite number >= 0, got {cfg.bias_rate}")
     if cfg.lr <= 0 or min(cfg.warmup, cfg.decay_start, cfg.cooldown, cfg.stop_after) < 0:
@@ -58,11 +58,14 @@ def check_config(cfg, parser, groups):
                            or cfg.decoder_group != "position"):
         parser.error(f"--group-size {cfg.group_size}: must divide --batch-size "
                      f"({cfg.batch_size}) and needs --decoder-group position (0 = off)")
+    if cfg.decoder_router == "token" and cfg.arch != "t5":
+        parser.error("--decoder-router token is a t5 option (--arch t5): the lm is all decoder, "
+                     "so it would train top-2 token choice under every router's name")
     for rt in routers:
-        spec, c = ROUTERS[base_router(rt)], capacity_factor(rt, cfg.capacity_factor)
-        if spec.layer is not CappedMoE:
+        r = resolve(rt, cfg.capacity_factor)
+        if r.layer is not CappedMoE:
             continue
-        b = spec.options["max_experts_per_token"]
+        b, c = r.options["max_experts_per_token"], r.capacity_factor
         if c > b:
             parser.error(f"--capacity-factor {c}: {rt} needs c <= {b} (its experts per token)")
         for stack, group, n in groups(cfg):

@@ -1,21 +1,25 @@
-"""The report of a train_tiny run set: verdict, tables and the figure, from its files alone.
+"""The report of a train_tiny run set: verdict, tables and the figures, from its files alone.
 
     python -m lab.compare runs/tiny                 # verdict + tables of a (finished or partial) run
     python -m lab.compare runs/tiny --markdown      # the results.md text
     python -m lab.compare runs/tiny --plot out.png  # the figure of paired differences
+    python -m lab.compare runs/tiny --curves out.png  # per-router validation-loss curves
     python -m lab.compare runs/tiny --write         # recompute the analysis into results.json/md/png
 
 A run directory holds one JSON per (router, seed) under runs/ (train_tiny writes them as each run
 finishes) and, once all are done, results.json. Everything here reads only those files. The
 verdict is the analysis plan's (docs/analysis_plan.md, lab/stats.py: controls, paired t, Holm
-over the family, MDE, steps to target); this file adds the per-router tables, the inference
-section and the figure.
+over the family, MDE, steps to target); this file adds the pairing of run labels (moe/routers.py:
+"ec2@c1 - top2@c1" is the plan's ec2 - top2 pair at c = 1), the per-router tables, the inference
+section and the two figures: differences.png (the paired differences the verdict reads) and beside
+it curves.png (each router's validation loss over training, the mean over seeds).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import numpy as np
 from ecmoe import expert_capacity
 from lab import stats
 from lab.files import atomic_write, read_json, write_json, write_text
-from moe.routers import ROUTERS, base_router, capacity_factor
+from moe.routers import NULL_SUFFIX, ROUTERS, resolve, split
 from moe.threshold import ExpertThresholdMoE
 
 PAPER_FIG3 = dict(bins=["0", "1", "2", "3-4", ">4"], note="Fig. 3 (100M/64E, EC-CF2): most tokens "
@@ -44,11 +48,91 @@ def analyse(res):
                  seed_sd={rt: float(np.std([r["final_val"] for r in runs.values()], ddof=1))
                           for rt, runs in by.items()
                           if len(runs) > 1 and all(r["final_val"] is not None for r in runs.values())})
-    judgment = stats.judge(res)
+    judgment = judge(res)
     return dict(judgment=judgment, verdict=verdict(res, judgment), noise=noise,
                 routers={rt: router_summary(runs) for rt, runs in by.items()},
                 inference={rt: inference_summary(runs, res) for rt, runs in by.items()
                            if all("inference" in r for r in runs.values())})
+
+
+def pair_labels(labels, pairs):
+    """[(challenger label, baseline label)] for each (challenger, baseline) of `pairs` (router
+    names) that the run labels hold at one capacity factor: two labels with the same "@c" suffix
+    ("ec2@c1", "top2@c1" are the ec2 - top2 pair at c = 1), or one of a router without a c
+    (dense: moe.routers.resolve). A label that is no router name (fine-tuning's "scratch") pairs
+    by its name alone. In the order of `pairs`, then of `labels`."""
+    def no_c(label):
+        try:
+            return resolve(label).capacity_factor is None
+        except ValueError:
+            return False
+    stem = {label: split(label)[0] for label in labels}
+    return [(a, b) for x, y in pairs for a in labels if stem[a] == x for b in labels
+            if stem[b] == y and (a[len(x):] == b[len(y):] or no_c(a) or no_c(b))]
+
+
+def judged_names(labels):
+    """{run label: the router name stats.judge reads it as}, and a note (None if all pair).
+
+    The plan's pairs name routers ("ec2", "top2"); a label carries "@cC" when the run's capacity
+    factor C differs from the router table's (moe.routers.resolve). Labels lose the suffix, so
+    that "ec2@c1" and "top2@c1" are judged as the plan's ec2 - top2 pair, when every pair the plan
+    could form then joins two labels of the same suffix (a router without a c, dense, joins any)
+    and no two labels become one name. One train_tiny run set trains every router at one c, so
+    this always holds there. Otherwise (labels at several c) every label stays as it is: only runs
+    at the table's c pair, and the note says so."""
+    stem = {label: split(label)[0] for label in labels}
+    suffix = {label: label[len(stem[label]):] for label in labels}
+    if not any(suffix.values()):
+        return {label: label for label in labels}, None
+    by_stem = {stem[label]: label for label in labels}
+    pairs = [*stats.COMPARISONS, *stats.POSITIVE_CONTROLS,
+             *((s, s[:-len(NULL_SUFFIX)]) for s in by_stem if s.endswith(NULL_SUFFIX))]
+    mixed = [f"{by_stem[a]} - {by_stem[b]}" for a, b in pairs if a in by_stem and b in by_stem
+             and suffix[by_stem[a]] != suffix[by_stem[b]]
+             and None not in (resolve(by_stem[a]).capacity_factor, resolve(by_stem[b]).capacity_factor)]
+    if len(by_stem) == len(labels) and not mixed:
+        return stem, None
+    return {label: label for label in labels}, (
+        f"runs at several capacity factors ({', '.join(sorted(x for x in labels if suffix[x]))}): only "
+        "runs at the router table's c are paired; judge each c in a run set of its own")
+
+
+def relabel(x, names):
+    """x (a judgment: dicts, lists, strings) with every router name of `names` {name: label}
+    written as its label, as a whole word ("top2" in "top2's", not in "top2_aa")."""
+    if not names:
+        return x
+    word = re.compile(r"(?<![\w@])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+                      + r")(?![\w@])")
+
+    def walk(v):
+        if isinstance(v, str):
+            return word.sub(lambda m: names[m.group(1)], v)
+        if isinstance(v, dict):
+            return {k: walk(w) for k, w in v.items()}
+        if isinstance(v, list):
+            return [walk(w) for w in v]
+        return v
+    return walk(x)
+
+
+def judge(res):
+    """stats.judge(res) with the pairing rule of run labels (judged_names): "ec2@c1 - top2@c1" is
+    judged as the plan's ec2 - top2 pair, and the judgment names the labels. A run set without
+    "@c" labels is judged exactly as stats.judge judges it. The paper's 2x claim is about c = 2:
+    it is not read for a pair at another c."""
+    names, note = judged_names(sorted({r["router"] for r in res["runs"]}))
+    renamed = dict(res, runs=[dict(r, router=names[r["router"]]) for r in res["runs"]])
+    j = relabel(stats.judge(renamed), {n: label for label, n in names.items() if n != label})
+    claim = j["claim_2x"]
+    if claim and claim["pair"] != " - ".join(stats.CLAIM_PAIR):
+        j["notes"].append(f"the paper's 2x claim is about {' - '.join(stats.CLAIM_PAIR)} at the "
+                          f"table's c: not read for {claim['pair']}")
+        j["claim_2x"] = None
+    if note:
+        j["notes"].append(note)
+    return j
 
 
 def verdict(res, j):
@@ -87,8 +171,7 @@ def inference_summary(runs, res):
     ec = "threshold_1" in inf[0]
     deployed = [i["threshold_1" if ec else "group_1"] for i in inf]
     gaps = [d - r["final_val"] for d, r in zip(deployed, runs)]
-    spec = ROUTERS.get(base_router(runs[0]["router"]))
-    et = spec is not None and spec.layer is ExpertThresholdMoE   # trained with its thresholds
+    et = resolve(runs[0]["router"]).layer is ExpertThresholdMoE   # trained with its thresholds
     out = dict(seeds=[r["seed"] for r in runs],
                routing="threshold" if ec else "threshold, as trained" if et else "group",
                trained=float(np.mean([r["final_val"] for r in runs])),
@@ -101,7 +184,7 @@ def inference_summary(runs, res):
     out["naive_group_1_gap"] = dict(mean=float(np.mean(naive)), min=float(min(naive)),
                                     max=float(max(naive)))
     out["threshold_B_vs_1"] = float(max(abs(i["threshold_B"] - i["threshold_1"]) for i in inf))
-    c = capacity_factor(runs[0]["router"], runs[0]["config"].get("capacity_factor"))
+    c = resolve(runs[0]["router"], runs[0]["config"].get("capacity_factor")).capacity_factor
     groups = {stack: n for stack, _, n in res.get("routing_groups", [])}
     loads = {}
     for layer in inf[0]["threshold_loads"]:
@@ -286,6 +369,29 @@ def plot_label(role, s):
     return ("resolved" if s["resolved"] else "not resolved") + holm + f" ({s['n']} seeds)"
 
 
+def forest(ax, rows, labels, better=-1):
+    """Paired differences as a forest plot on ax, rows top to bottom: rows [(role, s)], s a
+    stats.paired_t dict (mean, lo, hi; may carry mde and resolved) or None (an empty row); labels
+    [text] for the y axis, one per row. Each s is its mean with the 95% interval: filled when
+    resolved (s["resolved"], after Holm) or, for an s without that key, when the interval excludes
+    0; the grey bar is +-MDE where s has one. Controls (role != "") grey; pairs blue where the
+    challenger is better (the sign of `better`: -1 for losses, +1 for scores), red where worse."""
+    for i, (role, s) in enumerate(rows):
+        if not s or "mean" not in s:
+            continue
+        y = len(rows) - 1 - i
+        color = "tab:gray" if role else ("tab:blue" if s["mean"] * better > 0 else "tab:red")
+        if s.get("mde"):
+            ax.plot([-s["mde"], s["mde"]], [y, y], color="0.85", lw=9, solid_capstyle="butt")
+        if s["lo"] is not None:
+            ax.plot([s["lo"], s["hi"]], [y, y], color=color, lw=2)
+        excludes_0 = s["lo"] is not None and not s["lo"] <= 0 <= s["hi"]
+        ax.plot(s["mean"], y, "o", ms=8, color=color,
+                mfc=color if (s["resolved"] if "resolved" in s else excludes_0) else "white")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), list(reversed(labels)), fontsize=8)
+
+
 def plot(path, res):
     """What the verdict says, at a glance. Left: each pair's final-loss difference, challenger -
     baseline paired by seed, with its 95% interval (filled: resolved after Holm; the grey bar is
@@ -302,19 +408,7 @@ def plot(path, res):
     fig = plt.figure(figsize=(12, 1.0 + 1.1 * len(rows)))
     grid = fig.add_gridspec(len(rows), 2, width_ratios=(1.1, 1), hspace=0.35, wspace=0.25)
     ax = fig.add_subplot(grid[:, 0])
-    for i, (role, s) in enumerate(rows):
-        y = len(rows) - 1 - i
-        color = "tab:gray" if role else ("tab:blue" if s["mean"] < 0 else "tab:red")
-        if s.get("mde"):
-            ax.plot([-s["mde"], s["mde"]], [y, y], color="0.85", lw=9, solid_capstyle="butt")
-        if s["lo"] is not None:
-            ax.plot([s["lo"], s["hi"]], [y, y], color=color, lw=2)
-        excludes_0 = s["lo"] is not None and not s["lo"] <= 0 <= s["hi"]
-        ax.plot(s["mean"], y, "o", ms=8, color=color,
-                mfc=color if (s["resolved"] if "resolved" in s else excludes_0) else "white")
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{s['pair']}\n{plot_label(role, s)}" for role, s in reversed(rows)],
-                  fontsize=8)
+    forest(ax, rows, [f"{s['pair']}\n{plot_label(role, s)}" for role, s in rows])
     ax.set(xlabel="final validation loss, challenger - baseline (nats; < 0: challenger better)",
            title="mean, 95% CI (filled: excludes 0, after Holm for the\nfamily); grey: +-MDE, "
                  "what could still hide at 80% power")
@@ -350,6 +444,65 @@ def plot(path, res):
     cfg = res["config"]
     fig.suptitle(f"{cfg['arch']}, {cfg['steps']} steps, seeds {cfg['seeds']}: challenger - baseline, "
                  f"analysis plan v{j['plan_version']}", fontsize=10)
+    atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png", bbox_inches="tight"))
+    plt.close(fig)
+
+
+def colour(base):
+    """One colour per router of the table, the same in every figure (dense black, unknown grey)."""
+    import matplotlib.pyplot as plt
+    moe = [r for r in ROUTERS if ROUTERS[r].layer is not None]
+    if base not in moe:
+        return "black" if base == "dense" else "tab:gray"
+    k = moe.index(base)
+    extra = ("deeppink", "darkgoldenrod", "navy")               # beyond tab10's ten colours
+    return plt.get_cmap("tab10")(k) if k < 10 else extra[(k - 10) % len(extra)]
+
+
+def curves(path, res):
+    """Each router's validation loss over training, beside the differences figure: the mean over
+    its seeds (line) and the range of its seeds, min to max (band: where the seeds lie, not a
+    confidence interval; the paired differences and their intervals are in differences.png).
+    Left: all of training; right: the second half, on its own scale, where the routers separate. Dense black, A/A controls (ROUTER_aa) dashed; a seed without a finite curve (a
+    diverged run) is left out and the legend counts the seeds drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by, cfg = stats.runs_by_router(res), res["config"]
+    fig, (full, late) = plt.subplots(1, 2, figsize=(12, 4.8))
+    last = max((r["val_step"][-1] for r in res["runs"] if r.get("val_step")), default=0)
+    window = []
+    for rt, runs in by.items():
+        ok = [r for r in runs.values() if r.get("val_loss") and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in r["val_loss"])]
+        steps = sorted(set.intersection(*[set(r["val_step"]) for r in ok])) if ok else []
+        if not steps:
+            continue
+        L = np.array([[dict(zip(r["val_step"], r["val_loss"]))[t] for t in steps] for r in ok])
+        mean, lo, hi = L.mean(0), L.min(0), L.max(0)                     # over seeds, [evals]
+        stem, base = split(rt)[:2]
+        style = dict(color=colour(base), ls="--" if stem.endswith(NULL_SUFFIX) else "-", lw=1.3)
+        half = np.asarray(steps) >= last / 2
+        for ax, keep in ((full, slice(None)), (late, half)):
+            x = np.asarray(steps)[keep]
+            ax.plot(x, mean[keep], label=f"{rt} ({len(ok)} seeds)", **style)
+            ax.fill_between(x, lo[keep], hi[keep], color=style["color"], alpha=0.12, lw=0)
+        window += [lo[half].min(), hi[half].max()] if half.any() else []
+    if not window:
+        plt.close(fig)
+        return
+    full.set(xlabel="training step", ylabel="validation loss (nats per byte)",
+             title="all of training")
+    pad = 0.05 * (max(window) - min(window)) + 1e-4
+    late.set_ylim(min(window) - pad, max(window) + pad)
+    late.set(xlabel="training step", title=f"second half (steps >= {last / 2:g})")
+    for ax in (full, late):
+        ax.grid(alpha=0.3)
+    late.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{cfg['arch']}, {cfg['steps']} steps, seeds {cfg['seeds']}: validation loss per "
+                 "router; line: mean over seeds, band: min to max over seeds (not an interval)",
+                 fontsize=10)
+    fig.tight_layout()
     atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
 
@@ -413,7 +566,7 @@ def merge(run_dirs):
 
 def write(out, res):
     """results.json (the analysis before this one kept under earlier_analyses), results.md and
-    the figure differences.png, atomically."""
+    the figures differences.png and curves.png, atomically."""
     out = Path(out)
     if (out / "results.json").exists():
         before = read_json(out / "results.json", "results file").get("analysis")
@@ -424,6 +577,7 @@ def write(out, res):
     write_json(out / "results.json", res)
     write_text(out / "results.md", markdown(res))
     plot(out / "differences.png", res)
+    curves(out / "curves.png", res)
 
 
 def main(argv=None):
@@ -431,11 +585,14 @@ def main(argv=None):
     p.add_argument("run_dir", nargs="+", help="train_tiny --out directories")
     p.add_argument("--markdown", action="store_true", help="print results.md text")
     p.add_argument("--plot", default="", help="write the figure of paired differences here")
+    p.add_argument("--curves", default="", help="write the figure of per-router validation-loss "
+                   "curves here (with several run directories: that file name in each)")
     p.add_argument("--write", action="store_true", help="recompute the analysis under the current "
-                   "plan and rewrite each directory's results.json, results.md, differences.png "
+                   "plan and rewrite each directory's results.json, results.md, differences.png, "
+                   "curves.png "
                    "(the earlier analysis's verdict is kept in results.json)")
     p.add_argument("--merge", default="", metavar="OUT", help="merge the run directories (one "
-                   "experiment, more seeds) into OUT: results.json, results.md, differences.png")
+                   "experiment, more seeds) into OUT: results.json, results.md, differences.png, curves.png")
     args = p.parse_args(argv)
     if args.merge:
         try:
@@ -443,7 +600,8 @@ def main(argv=None):
         except (OSError, ValueError, KeyError) as e:
             p.error(f"--merge: {e}")
         write(args.merge, res)
-        print(console_summary(res) + f"\nwrote {args.merge}/results.json, results.md, differences.png")
+        print(console_summary(res) + f"\nwrote {args.merge}/results.json, results.md, differences.png, "
+              "curves.png")
         return 0
     for d in args.run_dir:
         try:
@@ -452,15 +610,16 @@ def main(argv=None):
             p.error(f"run_dir {d!r}: {e}")
         print(f"== {d}")
         print(markdown(res) if args.markdown else console_summary(res))
-        if args.plot:
-            plot(args.plot if len(args.run_dir) == 1 else Path(d) / Path(args.plot).name, res)
+        for flag, draw in ((args.plot, plot), (args.curves, curves)):
+            if flag:
+                draw(flag if len(args.run_dir) == 1 else Path(d) / Path(flag).name, res)
         if args.write:
             if not (Path(d) / "results.json").exists():
                 p.error(f"--write: {d} has no results.json (the run has not finished)")
             res["analysis_by"] = (f"python -m lab.compare --write (re-judged under analysis plan "
                                   f"v{stats.PLAN_VERSION} after the run)")
             write(d, res)
-            print(f"rewrote {d}/results.json, results.md, differences.png")
+            print(f"rewrote {d}/results.json, results.md, differences.png, curves.png")
     return 0
 
 

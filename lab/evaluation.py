@@ -6,6 +6,8 @@ used at inference.
     inference_eval(model, batches, device)    -> dict: losses at batch size 1, threshold loads
     stat_vector(RoutingStats), stats_dict     routing statistics as 9 numbers, and named
 """
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,9 +39,11 @@ def evaluate(model, batches, device, routing="group", stats=None, world=World())
     state is left as it was. routing: "group" (as in training) or "threshold" (expert-choice
     layers route token by token with their learned thresholds; other layers as in training).
     stats: a list that gets one [MoE layer] list of RoutingStats per batch. Under torchrun each
-    rank holds its rows of every batch and gets the whole batch's losses."""
+    rank holds its rows of every batch and gets the whole batch's losses. Each layer's own
+    eval_routing (the default "auto", say) is restored afterwards."""
     model.eval()
-    for m in expert_choice_layers(model):
+    before = {m: m.eval_routing for m in expert_choice_layers(model)}
+    for m in before:
         m.eval_routing = routing
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -52,8 +56,8 @@ def evaluate(model, batches, device, routing="group", stats=None, world=World())
                 if stats is not None:
                     stats.append([o.stats for o in outs])
     finally:
-        for m in expert_choice_layers(model):
-            m.eval_routing = "group"
+        for m, previous in before.items():
+            m.eval_routing = previous
         model.train()
     return world.average(losses)
 
@@ -66,10 +70,13 @@ def inference_eval(model, batches, device, world=World()):
     expert choice threshold_1 (threshold routing at batch size 1; the same at the training batch
     size is equal up to float error, the rule is per token) with the loads threshold routing
     gives each MoE layer: expert_load (fraction of tokens each expert takes) and experts_per_token
-    (bins 0, 1, 2, 3-4, >4). Under torchrun the loads are rank 0's."""
+    (bins 0, 1, 2, 3-4, >4). Under torchrun the loads are rank 0's. group_1 measures the
+    degenerate buckets on purpose, so the layers' warning about them is silenced here."""
     rows = [[t[i:i + 1] for t in batch] for batch in batches for i in range(len(batch[0]))]
     try:
-        out = dict(group_1=float(np.mean(evaluate(model, rows, device, world=world))))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "expert choice in routing groups of", UserWarning)
+            out = dict(group_1=float(np.mean(evaluate(model, rows, device, world=world))))
     except ValueError as e:      # capped EC: infeasible in a group of one token
         return dict(group_1=None, error=str(e))
     if expert_choice_layers(model):

@@ -9,8 +9,11 @@ timeout / skipped with its output tail, so one failing stage never loses the oth
                where nbmake and jupyter are not installed)
     bench_*    python -m lab.bench on CUDA: float32, float32 with TF32 matmuls, bfloat16 autocast,
                and torch.compile'd variants (EC vs FLOP-matched dense, top-1/top-2, one-hot dispatch)
-    train_tiny train_tiny.py --preset gpu, 200 steps of top2/ec2/dense (seed 0): s/step per router,
-               and from it the projected wall time of the full default GPU preset
+    train_d512, train_d1024
+               train_tiny.py at the GPU rungs of the scale ladder (train_tiny.rung(512), the GPU
+               preset, and rung(1024)), 200 steps of top2/ec2/dense (seed 0): s/step per router,
+               and from it the projected wall time of each rung as the ladder runs it
+               (train_tiny.LADDER_ROUTERS + top2_dropless, 600 steps, lab.stats.LADDER_SEEDS seeds)
 Everything lands in --out (default assets/gpu): report.md (hardware, versions, commands, wall
 times and every number), gpu_check.json (the same, machine-readable), logs/ (full output of each
 stage) and the raw JSON the stages wrote. It needs only what requirements.txt lists minus the
@@ -19,7 +22,8 @@ notebook tools (torch, numpy, scipy, pytest, hypothesis, rich, matplotlib; CuPy 
     python -m lab.gpu_check               # on a machine with a CUDA GPU, within its --budget (460 s)
     python -m lab.gpu_check --dry-run     # the same plumbing on CPU with tiny sizes, into a temp dir
     python -m lab.gpu_check --dry-run --out /tmp/check   # ... into a chosen directory
-Without a CUDA device (and without --dry-run) it says so and stops, writing nothing.
+Without a CUDA device (and without --dry-run) it says so and stops, writing nothing: nothing GPU
+is measured until this runs on a GPU, and a --dry-run's numbers (CPU, tiny sizes) project nothing.
 """
 import argparse
 import json
@@ -44,6 +48,7 @@ PY = sys.executable
 BUDGET_S = 460  # all stages together, in seconds: a margin under the 8 minutes we promise
 TRAIN_ROUTERS = "top2,ec2,dense"
 TRAIN_STEPS = 200
+RUNGS = (512, 1024)  # the GPU rungs of the scale ladder (train_tiny.rung; lab.ladder on CUDA)
 TRAIN_FILES = ("results.json", "results.md", "differences.png")  # what train_tiny.py writes into --out
 # pytest of the GPU tests only (-m gpu), with pytest.ini's addopts (--nbmake ...) dropped and the
 # nbmake plugin blocked: the GPU image has no nbmake or jupyter and nothing can be installed there.
@@ -55,10 +60,10 @@ ENV_SCRIPT = r"""
 import json, os, platform, importlib, importlib.metadata
 info = dict(python=platform.python_version(), platform=platform.platform(), cpu_count=os.cpu_count())
 try:
-    with open("/proc/cpuinfo") as fh:
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-except (OSError, StopIteration):
-    info["cpu"] = platform.processor()
+    from lab.runner import cpu_model   # run from the repo root: the project's one cpuinfo parser
+    info["cpu"] = cpu_model()
+except Exception as e:
+    info["cpu"] = f"? ({type(e).__name__}: {e})"
 for name in ("numpy", "scipy", "pytest", "hypothesis", "rich", "matplotlib", "transformers"):
     try:
         info[name] = importlib.metadata.version(name)   # rich has no __version__
@@ -84,15 +89,22 @@ print("ENV_JSON " + json.dumps(info))
 """
 
 
+def rung_flags(d):
+    """train_tiny.py flags of ladder rung d (train_tiny.rung(d): the widths, heads and lr)."""
+    import train_tiny
+    return [a for k, v in train_tiny.rung(d).items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def stages(dry_run, out, train_out):
-    """(name, argv or None, time limit s, what it does) in run order; the sizes depend on --dry-run."""
+    """(name, argv or None, time limit s, what it does) in run order; the sizes depend on --dry-run.
+    train_out: the directory the train_d<D> stages write into, one subdirectory d<D> per rung."""
     out, train_out = rel(out), rel(train_out)  # the stages run in the repo root
     methods = ["--methods", "ec", "top1", "top2", "onehot"]
     if dry_run:  # CPU, tiny: seconds
         run = ["--device", "cpu", "--quick", "--repeats", "2"]
         sizes = ["--tokens", "64"]
         compile_sizes = ["--methods", "ec", "--tokens", "64"]
-        train = ["--dry-run"]
+        train = ["--dry-run"]  # the rung's widths not applied: plumbing only
     else:  # one routing group of n tokens, d=256, f=1024 (bench's defaults), plus n=32768
         run = ["--device", "cuda", "--repeats", "10"]
         sizes = ["--tokens", "2048", "8192", "32768", "--experts", "8", "32", "--capacity-factors", "1", "2"]
@@ -100,6 +112,11 @@ def stages(dry_run, out, train_out):
                          "--capacity-factors", "2"]
         train = ["--steps", str(TRAIN_STEPS)]
     bench = [PY, "-m", "lab.bench", *run]
+
+    def train_stage(d):
+        argv = [PY, "train_tiny.py", "--preset", "gpu", *([] if dry_run else rung_flags(d)), *train,
+                "--seeds", "0", "--routers", TRAIN_ROUTERS, "--out", str(train_out / f"d{d}")]
+        return (f"train_d{d}", argv, 150, f"train_tiny.py, ladder rung d={d}, {TRAIN_ROUTERS}, seed 0")
     smi = shutil.which("nvidia-smi")
     return [
         ("env", [PY, "-c", ENV_SCRIPT], 60, "versions and the GPU torch sees"),
@@ -112,9 +129,7 @@ def stages(dry_run, out, train_out):
                         "--json", str(out / "bench_tf32.json")], 60, "lab.bench, float32 with TF32 matmuls"),
         ("bench_bf16", [*bench, *sizes, *methods, "--dtype", "bfloat16", "--json", str(out / "bench_bf16.json")],
          60, "lab.bench, bfloat16 autocast"),
-        ("train_tiny", [PY, "train_tiny.py", "--preset", "gpu", *train, "--seeds", "0", "--routers",
-                        TRAIN_ROUTERS, "--out", str(train_out)], 150,
-         f"train_tiny.py GPU preset, {TRAIN_ROUTERS}, seed 0"),
+        *(train_stage(d) for d in RUNGS),
         ("bench_compile", [*bench, *compile_sizes, "--dtype", "bfloat16", "--compile",
                            "--json", str(out / "bench_compile.json")], 150,
          "lab.bench, bfloat16 autocast, eager vs torch.compile"),
@@ -219,17 +234,25 @@ def stand_in(router):
     return None, None
 
 
-def projection(rows, res, dry_run):
-    """Projected time of the full default GPU preset (train_tiny.GPU_PRESET) from measured s/step."""
+def projection(d, rows, res, dry_run):
+    """Projected time of ladder rung d as one GPU runs it (train_tiny.rung(d) with the GPU
+    preset's routers and workers, the default config's steps and validations, lab.stats
+    .LADDER_SEEDS seeds), from the s/step this check measured at that rung (rows) and, for an
+    upper bound on the rest, its run's time outside training steps (res). Routers it did not
+    train borrow a measured router's s/step (stand_in), named under "assumed"."""
     try:
         import train_tiny
-        preset = dict(train_tiny.GPU_PRESET)
-        seeds = preset.get("seeds", train_tiny.Config().seeds)
-    except Exception as error:  # the file may be mid-rework; report what we can
-        return dict(error=f"could not read train_tiny.GPU_PRESET: {type(error).__name__}: {error}")
+        from lab import stats
+        preset, default = dict(train_tiny.GPU_PRESET), train_tiny.Config()
+        fields = dict(train_tiny.rung(d))
+        n_seeds = int(stats.LADDER_SEEDS)
+    except Exception as error:  # a file may be mid-rework; report what we can
+        return dict(error=f"could not read the ladder (train_tiny.rung, GPU_PRESET, "
+                          f"stats.LADDER_SEEDS): {type(error).__name__}: {error}")
     routers = [r for r in str(preset.get("routers", "")).split(",") if r]
-    steps, workers = int(preset.get("steps", 0)), int(preset.get("workers", 1))
-    n_seeds = len(str(seeds).split(","))
+    steps = int(fields.get("steps", default.steps))
+    workers = int(preset.get("workers", 1))
+    eval_every = int(fields.get("eval_every", default.eval_every))
     per_step, assumed = {}, {}
     for r in routers:
         if r in rows:
@@ -242,20 +265,21 @@ def projection(rows, res, dry_run):
         else:
             assumed[r] = "not projected (nothing comparable measured)"
     if not per_step or not steps:
-        return dict(error="no s/step measured")
+        return dict(rung=d, error="no s/step measured")
     # seconds of training summed over runs, spread over the workers that run at once
     train_s = sum(per_step.values()) * steps * n_seeds / max(1, min(workers, len(routers) * n_seeds))
-    proj = dict(routers=routers, seeds=n_seeds, steps=steps, workers=workers, s_per_step=per_step,
-                assumed=assumed, projected_train_s=train_s,
-                note=("dry run: CPU numbers, meaningless for the GPU" if dry_run else
-                      f"sum over runs of s/step x steps / workers: training steps only; this check "
-                      f"trained with the preset's {workers} worker(s), so s/step includes the same "
-                      f"GPU sharing"))
+    proj = dict(rung=d, fields=fields, routers=routers, seeds=n_seeds, steps=steps, workers=workers,
+                s_per_step=per_step, assumed=assumed, projected_train_s=train_s,
+                projected_train_s_per_seed=train_s / n_seeds,
+                note=("DRY RUN: s/step of a tiny model on CPU; it projects nothing about a GPU"
+                      if dry_run else
+                      f"measured: s/step of {', '.join(rows)} over their first {TRAIN_STEPS} steps "
+                      f"at d={d} on this GPU (seed 0); projected: the sum over runs of s/step x "
+                      f"steps / workers, training steps only"))
     # Upper estimate of the rest (start-up, data, validation): charge all of this check's time
-    # outside training steps to its validations, and scale by the preset's validation count.
+    # outside training steps to its validations, and scale by the rung's validation count.
     wall, train_sum = res.get("wall_time_s"), res.get("train_time_sum_s")
     evals = sum(len(r.get("val_step") or []) for r in res.get("runs") or [] if isinstance(r, dict))
-    eval_every = int(preset.get("eval_every", 0) or 0)
     if isinstance(wall, (int, float)) and isinstance(train_sum, (int, float)) and evals and eval_every:
         per_eval = max(0.0, wall - train_sum) / evals
         full_evals = (steps // eval_every + 1) * len(per_step) * n_seeds
@@ -294,9 +318,41 @@ def bench_table(result):
     return "\n".join(lines + [""] + extra + notes) + "\n"
 
 
+def train_lines(train, dry_run):
+    """The report's lines for one rung: measured s/step per router, then the rung's projection."""
+    lines = []
+    if train.get("rows"):
+        lines += ["| router | s/step | tokens/s | final val loss | params | source |", "|---|---|---|---|---|---|"]
+        for r, v in train["rows"].items():
+            num = lambda key, spec: format(v[key], spec) if isinstance(v.get(key), (int, float)) else "-"  # noqa: E731
+            lines.append(f"| {r} | {v['s_per_step']:.4f} | {num('tokens_per_s', '.0f')} | "
+                         f"{num('final_val', '.4f')} | {num('n_params', ',')} | {v['source']} |")
+        wall = train.get("wall_time_s")
+        lines.append(f"\ntrain_tiny wall time (this invocation): {wall:.1f} s" if isinstance(wall, (int, float))
+                     else "\ntrain_tiny wall time: -")
+    else:
+        lines.append("(no s/step measured)")
+    proj = train.get("projection") or {}
+    if "projected_train_s" in proj:
+        what = "DRY RUN, not a projection" if dry_run else "Projected"
+        lines += ["", f"**{what}: ladder rung d={proj['rung']}** ({proj['fields']}; {len(proj['routers'])} "
+                  f"routers x {proj['seeds']} seeds x {proj['steps']} steps, {proj['workers']} worker(s)): "
+                  f"**{proj['projected_train_s'] / 60:.1f} min** of training, "
+                  f"{proj['projected_train_s_per_seed'] / 60:.1f} min per seed ({proj['note']})"
+                  + (f"; at most **{proj['projected_wall_upper_s'] / 60:.1f} min** wall, charging all of "
+                     f"this check's time outside training steps ({proj['overhead_s_per_validation']:.1f} s per "
+                     f"validation) to the rung's validations" if "projected_wall_upper_s" in proj else "")
+                  + f". Assumed (not measured): {proj['assumed'] or 'nothing'}."]
+    elif proj:
+        lines += ["", f"projection: {proj.get('error')}"]
+    return lines
+
+
 def write_report(out, summary):
     env, st = summary.get("env") or {}, summary["stages"]
     lines = [f"# gpu_check report{' (DRY RUN on CPU: plumbing only, numbers meaningless)' if summary['dry_run'] else ''}",
+             "", "Measured: what the stages below timed on this machine, nothing else; projected "
+             "(named so): the ladder rungs' wall time from those s/step.",
              "", f"- command: `{summary['command']}`", f"- started: {summary['started_utc']} (UTC)",
              f"- total wall time: {summary['wall_s']:.0f} s (budget {summary['budget_s']} s)",
              f"- hardware: {env.get('gpu', 'no CUDA GPU')} ({env.get('gpu_memory_gib', '-')} GiB, "
@@ -324,30 +380,9 @@ def write_report(out, summary):
                       bench_table(result)]
         else:
             lines.append(f"(no result: stage {st.get(key, {}).get('status')})")
-    lines += ["", "## train_tiny.py: s/step per router", ""]
-    train = summary.get("train") or {}
-    if train.get("rows"):
-        lines += ["| router | s/step | tokens/s | final val loss | params | source |", "|---|---|---|---|---|---|"]
-        for r, v in train["rows"].items():
-            num = lambda key, spec: format(v[key], spec) if isinstance(v.get(key), (int, float)) else "-"  # noqa: E731
-            lines.append(f"| {r} | {v['s_per_step']:.4f} | {num('tokens_per_s', '.0f')} | "
-                         f"{num('final_val', '.4f')} | {num('n_params', ',')} | {v['source']} |")
-        wall = train.get("wall_time_s")
-        lines.append(f"\ntrain_tiny wall time (this invocation): {wall:.1f} s" if isinstance(wall, (int, float))
-                     else "\ntrain_tiny wall time: -")
-    else:
-        lines.append("(no s/step measured)")
-    proj = train.get("projection") or {}
-    if "projected_train_s" in proj:
-        lines += ["", f"**Projected full default GPU preset** ({len(proj['routers'])} routers x {proj['seeds']} "
-                  f"seeds x {proj['steps']} steps, {proj['workers']} workers): "
-                  f"**{proj['projected_train_s'] / 60:.1f} min** of training ({proj['note']})"
-                  + (f"; at most **{proj['projected_wall_upper_s'] / 60:.1f} min** wall, charging all of "
-                     f"this check's time outside training steps ({proj['overhead_s_per_validation']:.1f} s per "
-                     f"validation) to the preset's validations" if "projected_wall_upper_s" in proj else "")
-                  + f". Assumed (not measured): {proj['assumed'] or 'nothing'}."]
-    elif proj:
-        lines += ["", f"projection: {proj.get('error')}"]
+    for d, train in (summary.get("train") or {}).items():
+        lines += ["", f"## train_tiny.py at ladder rung d={d}: s/step per router", ""]
+        lines += train_lines(train, summary["dry_run"])
     lines += ["", "## Output tail of every stage", ""]
     for name, s in st.items():
         lines += [f"### {name}: {s['status']}", "", "```", s.get("tail", "").replace("```", "'''"), "```",
@@ -372,6 +407,7 @@ def main(argv=None):
         Path(tempfile.mkdtemp(prefix="gpu_check_dry_")) if args.dry_run else ROOT / "assets" / "gpu"
     # the real run trains in runs/ (git-ignored, checkpoints stay there); a dry run inside --out
     train_out = out / "train_tiny_runs" if args.dry_run else ROOT / "runs" / "gpu_check"
+    rung_out = {d: train_out / f"d{d}" for d in RUNGS}
     plan = stages(args.dry_run, out, train_out)
     names = [p[0] for p in plan]
     if args.only and set(args.only) - set(names):
@@ -396,10 +432,12 @@ def main(argv=None):
                    budget_s=args.budget, env=env, stages={}, bench={})
     print(f"gpu_check: {'DRY RUN (CPU, tiny) ' if args.dry_run else ''}writing to {out}", flush=True)
     stale = [out / f"{name}.json" for name in names if name.startswith("bench")]  # of an earlier check:
-    stale += [out / "pytest.xml", out / "nvidia-smi.txt", *(train_out / f for f in TRAIN_FILES)]
+    stale += [out / "pytest.xml", out / "nvidia-smi.txt",
+              *(rung_out[d] / f for d in RUNGS for f in TRAIN_FILES)]
     for path in stale:  # a stage that fails now must not leave the last run's numbers behind
         path.unlink(missing_ok=True)
-    shutil.rmtree(out / "train_tiny", ignore_errors=True)
+    for d in RUNGS:
+        shutil.rmtree(out / f"train_d{d}", ignore_errors=True)
     for i, (name, cmd, limit, what) in enumerate(plan):
         left = args.budget - (time.time() - t0) - 10 * (len(plan) - i - 1)  # keep 10 s for each later stage
         rec = dict(what=what, command=show(cmd))
@@ -422,15 +460,19 @@ def main(argv=None):
                 summary["bench"][name] = result
     summary["pytest_counts"] = pytest_counts(out / "pytest.xml") \
         if summary["stages"]["pytest"]["status"] != "skipped" else None
-    log_path = out / "logs" / "train_tiny.log"
-    ran = summary["stages"]["train_tiny"]["status"] != "skipped"
-    res, rows = train_summary(train_out, log_path.read_text(errors="replace")) if ran else ({}, {})
-    summary["train"] = dict(rows=rows, wall_time_s=res.get("wall_time_s"), results_dir=str(train_out),
-                            projection=projection(rows, res, args.dry_run) if rows else {})
-    for f in TRAIN_FILES:  # the run's own report next to ours
-        if ran and (train_out / f).exists():
-            (out / "train_tiny").mkdir(exist_ok=True)
-            shutil.copy(train_out / f, out / "train_tiny" / f)
+    summary["train"] = {}
+    for d in RUNGS:
+        name = f"train_d{d}"
+        ran = summary["stages"][name]["status"] != "skipped"
+        log_text = (out / "logs" / f"{name}.log").read_text(errors="replace") if ran else ""
+        res, rows = train_summary(rung_out[d], log_text) if ran else ({}, {})
+        summary["train"][str(d)] = dict(rows=rows, wall_time_s=res.get("wall_time_s"),
+                                        results_dir=str(rung_out[d]),
+                                        projection=projection(d, rows, res, args.dry_run) if rows else {})
+        for f in TRAIN_FILES:  # the run's own report next to ours
+            if ran and (rung_out[d] / f).exists():
+                (out / name).mkdir(exist_ok=True)
+                shutil.copy(rung_out[d] / f, out / name / f)
     if args.dry_run:
         shutil.rmtree(train_out, ignore_errors=True)  # checkpoints of a 2-step run: not evidence
     summary["wall_s"] = time.time() - t0

@@ -5,12 +5,15 @@ bars and an honest ETA.
     done, start = plan_jobs(jobs, paths, expected, resume, ckpt_keys)
     with Progress(labels, remaining, steps) as show:
         results = run_jobs(fn, [args_1, args_2, ...], workers, report=show)
+    closure_sha256(root, "train_tiny.py")  # the hash of the files a job's result depends on
 
 fn(*args, report=f) runs one job and calls f(message) as it goes; a message is a dict with
 `job` (the job's label), `step` and `info` (text to show). Nothing here knows what a job is.
 """
 from __future__ import annotations
 
+import ast
+import hashlib
 import multiprocessing as mp
 import os
 import platform
@@ -18,8 +21,56 @@ import queue
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 from lab.files import clock, load_checkpoint, read_json
+
+
+def import_closure(root, entry):
+    """The project files that running `entry` (a .py file, relative to the project root `root`)
+    executes: it, and every module it imports that is a file under root, at any depth, with
+    the __init__.py of their packages. Derived from the source (ast), so a file a module starts
+    to import joins without a hand-kept list; an import inside a function or an `if` counts too
+    (it may run). -> sorted relative paths ("ecmoe.py", "lab/compare.py", "moe/grouped.py", ...)."""
+    root = Path(root)
+
+    def files_of(module):               # "lab.compare" -> its file and its packages' __init__.py
+        parts = module.split(".")
+        found = [f"{'/'.join(parts[:i])}/__init__.py" for i in range(1, len(parts))]
+        found += [f"{'/'.join(parts)}.py", f"{'/'.join(parts)}/__init__.py"]
+        return [f for f in found if (root / f).is_file()]
+
+    todo, seen = [entry], set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        package = rel.rsplit("/", 1)[0].replace("/", ".") if "/" in rel else ""
+        for node in ast.walk(ast.parse((root / rel).read_text(encoding="utf-8"), rel)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:                          # from . import x, from ..y import z
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join([p for p in up if p] + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" if base else a.name for a in node.names]
+            else:
+                continue
+            todo += [f for n in names if n for f in files_of(n)]
+    return sorted(seen)
+
+
+def closure_sha256(root, entry):
+    """sha256 over the files of import_closure(root, entry): each one's path, length and bytes,
+    in path order."""
+    h = hashlib.sha256()
+    for rel in import_closure(root, entry):
+        data = (Path(root) / rel).read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def plan_jobs(jobs, paths, expected, resume, ckpt_keys=("step", "config")):
@@ -125,15 +176,19 @@ class Progress:
                   f"{self.steps} {msg['info']}  elapsed {clock(elapsed)} ETA {eta}", flush=True)
 
 
+def cpu_model():
+    """The CPU model ("model name" of /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def hardware(device, workers, threads):
     """-> dict: platform, processor, cores, device (GPU name), workers x threads, summary."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    hw = dict(platform=platform.platform(), processor=cpu, cpu_count=os.cpu_count(),
+    hw = dict(platform=platform.platform(), processor=cpu_model(), cpu_count=os.cpu_count(),
               device=device, workers=workers, threads_per_worker=threads)
     if device == "cuda":
         import torch

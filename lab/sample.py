@@ -1,5 +1,6 @@
 """Samples at batch size 1 from a finished train_tiny run: how a trained model is used, one
-sequence at a time (expert choice routes with its learned thresholds).
+sequence at a time (expert choice routes with its learned thresholds: ecmoe.MoE's default
+eval_routing="auto" does that for a trained layer).
 
     python -m lab.sample runs/tiny            # every router's first seed, added to results.*
 
@@ -88,9 +89,7 @@ def sample_run(run_dir, device="cpu"):
     seed, prompts, by_router = res["seeds"][0], None, {}
     for router in res["routers"]:
         model, cfg = tt.load_model(run_dir, router, seed, device)
-        ec = expert_choice_layers(model)
-        for m in ec:
-            m.eval_routing = "threshold"
+        ec = expert_choice_layers(model)   # eval_routing "auto": trained, so by threshold
         if prompts is None:             # the same prompts for every router
             prompts = prompts_of(load_corpus(cfg.data, cfg.chunk_bytes), cfg)
         try:

@@ -14,6 +14,11 @@ lab/compare.py's analysis computes them. The dense model does not depend on the 
 experts, the capacity factor or the routing group size, so `--dense-from DIR` can take the dense
 runs of another run directory with the same seeds and otherwise equal flags instead of training
 them again at every value.
+
+Runs are named by their labels (moe/routers.py): with --flag capacity_factor the point at c = 1
+trains "top2@c1" and "ec2@c1". Within a point every MoE router runs at the point's c, which the
+row already states, so the report drops the "@cC" of a point's labels where the names stay
+unique (each row's "labels" keeps the originals): the pairs are "ec2 vs top2" at every value.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from pathlib import Path
 import train_tiny
 from lab import compare
 from lab.files import atomic_write, read_json, write_json, write_text
+from moe.routers import split
 
 
 def point_dirs(out):
@@ -43,6 +49,19 @@ def pairs_of(res):
     return {f"{s['challenger']} vs {s['baseline']}": {k: s[k] for k in STAT} for s in j["pairs"]}
 
 
+def unlabelled(res):
+    """A point's results with the "@cC" of its labels dropped, where the names stay unique, and
+    analysed again -> (results, {name: label} of the runs renamed)."""
+    names = {r["router"]: split(r["router"])[0] for r in res["runs"]}   # label -> name
+    renamed = {n: label for label, n in names.items() if n != label}
+    if not renamed or len(set(names.values())) < len(names):
+        return res, {}
+    out = dict(res, runs=[dict(r, router=names[r["router"]]) for r in res["runs"]],
+               routers=[names.get(x, x) for x in res.get("routers", names)])
+    out["analysis"] = compare.analyse(out)
+    return out, renamed
+
+
 def versus_dense(res, router, dense_runs):
     """compare's positive control of `router` against the dense runs (paired by seed)."""
     runs = [r for r in res["runs"] if r["router"] == router] + dense_runs
@@ -56,14 +75,15 @@ def report(out, dense_from=""):
         if dense_from else []
     rows = []
     for value, d in points:
-        res = compare.load(d)
+        res, labels = unlabelled(compare.load(d))
         a = res["analysis"]
         by = {r["router"] for r in res["runs"]}
         row = dict(value=value, dir=str(d), command=res["command"],
                    wall_time_s=res.get("wall_time_s"), train_time_s=res.get("train_time_sum_s"),
                    pairs={k: v for k, v in pairs_of(res).items() if not k.endswith(" vs dense")},
                    final_val={rt: a["routers"][rt]["final_val"]["mean"] for rt in a["routers"]},
-                   s_per_step={rt: a["routers"][rt]["s_per_step"] for rt in a["routers"]})
+                   s_per_step={rt: a["routers"][rt]["s_per_step"] for rt in a["routers"]},
+                   labels=labels)
         dense = [r for r in res["runs"] if r["router"] == "dense"] or borrowed
         if dense is borrowed and borrowed:
             check_dense(res["runs"], borrowed, meta["flag"], d)

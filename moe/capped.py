@@ -190,7 +190,7 @@ class CappedMoE(MoE):
     def __init__(self, d_model, d_ff, n_experts, capacity_factor=2.0, max_experts_per_token=2,
                  group="position", entropy_weight=DEFAULT_ENTROPY_WEIGHT, max_iter=DEFAULT_MAX_ITER,
                  tol=DEFAULT_TOL, check_inputs=None):
-        super().__init__(d_model, d_ff, n_experts, capacity_factor, group, check_inputs=check_inputs)
+        super().__init__(d_model, d_ff, n_experts, capacity_factor, group, "group", check_inputs=check_inputs)
         check_int(max_experts_per_token, "max_experts_per_token", 1)
         _check_solver_settings(entropy_weight, max_iter, tol)
         if capacity_factor > max_experts_per_token:
@@ -221,4 +221,4 @@ class CappedMoE(MoE):
         gates, token_index = capped_expert_choice(probs, k, b, self.entropy_weight, self.max_iter,
                                                   self.tol, validate=False)
         taken = (token_index >= 0).sum(-1).float()  # [G, e] k, or fewer where rounding left slots empty
-        return Routing(gates, token_index, taken, probs.new_zeros(()))
+        return Routing(gates, token_index, taken, probs.new_zeros(()), k)

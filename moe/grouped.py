@@ -27,7 +27,7 @@ slots) and k = top_k.
 import torch
 import torch.nn.functional as F
 
-from ecmoe import MoE, Routing, autocast_on, load_balancing_loss
+from ecmoe import MoE, Routing, autocast_on, expert_capacity, load_balancing_loss
 from moe.token_choice import LossFreeMoE, TokenChoiceMoE, top_choices
 
 
@@ -99,7 +99,7 @@ class GroupedExperts:
 
 
 class GroupedMoE(GroupedExperts, MoE):
-    """ecmoe.MoE with grouped experts: for eval_routing="threshold", whose loads vary."""
+    """ecmoe.MoE with grouped experts: for threshold routing in eval, whose loads vary."""
 
 
 # ----------------------------------------------------------------------------- dropless top-k
@@ -165,7 +165,8 @@ class GroupedDroplessMoE(GroupedTopK, TokenChoiceMoE):
         """probs [G, n, e] -> Routing: slot t of expert i holds token t iff i is among t's top_k
         (gates renormalised as TokenChoiceMoE's); demand [G, e]; the balance loss."""
         gates, token_index, demand = chosen_slots(probs, *top_choices(probs, self.top_k))
-        return Routing(gates, token_index, demand, load_balancing_loss(probs, validate=False).mean())
+        return Routing(gates, token_index, demand, load_balancing_loss(probs, validate=False).mean(),
+                       expert_capacity(*probs.shape[-2:], self.capacity_factor))
 
 
 class GroupedLossFreeMoE(GroupedTopK, LossFreeMoE):
@@ -182,4 +183,5 @@ class GroupedLossFreeMoE(GroupedTopK, LossFreeMoE):
         gates, token_index, demand = chosen_slots(probs, *top_choices(probs, self.top_k, self.expert_bias))
         if self.training:  # load_i for update_bias: summed over this step's training forwards
             self.expert_load += demand.sum(0).long()
-        return Routing(gates, token_index, demand, probs.new_zeros(()))
+        return Routing(gates, token_index, demand, probs.new_zeros(()),
+                       expert_capacity(*probs.shape[-2:], self.capacity_factor))

@@ -130,7 +130,7 @@ class ExpertParallel:
 
     def experts(self, x_groups, gates, token_index):
         # slot counts differ between ranks for dropless top-2 and threshold routing: agree on them
-        pad = getattr(self, "dropless", False) or (not self.training and self.eval_routing == "threshold")
+        pad = getattr(self, "dropless", False) or (not self.training and self.eval_routing != "group")
         return moe_ffn_expert_parallel(x_groups, gates, token_index, self.w_in, self.w_out,
                                        self.expert_parallel_group, pad_slots=pad,
                                        check_shapes=self.checks_values(x_groups))

@@ -81,7 +81,8 @@ class ExpertThresholdMoE(GroupedExperts, MoE):
         if self.training:
             self.update_threshold(cutoff[None])  # only now: this forward routed without its own cutoff
         demand = (token_index >= 0).sum(-1).float()  # (d) [G, e] tokens each expert took
-        return Routing(gates, token_index, demand, probs.new_zeros(()))
+        return Routing(gates, token_index, demand, probs.new_zeros(()),
+                       expert_capacity(*probs.shape[-2:], self.capacity_factor))
 
     @torch.no_grad()
     def forward_cutoff(self, probs):

@@ -118,7 +118,7 @@ class TokenChoiceMoE(MoE):
 
     def __init__(self, d_model, d_ff, n_experts, top_k=2, capacity_factor=2.0, dropless=False,
                  random_second=False, second_threshold=0.2, group="position", check_inputs=None):
-        super().__init__(d_model, d_ff, n_experts, capacity_factor, group, check_inputs=check_inputs)
+        super().__init__(d_model, d_ff, n_experts, capacity_factor, group, "group", check_inputs=check_inputs)
         check_int(top_k, "top_k", 1, n_experts)
         check_number(second_threshold, "second_threshold", 0)
         if random_second and top_k != 2:
@@ -136,7 +136,7 @@ class TokenChoiceMoE(MoE):
         """probs [G, n, e] -> Routing: token choice with capacity, the claims made on each
         expert as demand, and the balance loss."""
         n, e = probs.shape[-2:]
-        capacity = expert_capacity(n, e, self.capacity_factor)
+        capacity = k = expert_capacity(n, e, self.capacity_factor)
         choice_expert, choice_prob = top_choices(probs, self.top_k)  # [G, n, top_k]
         claims = F.one_hot(choice_expert, e)  # [G, n, top_k, e]
         second_uniform = None
@@ -150,7 +150,7 @@ class TokenChoiceMoE(MoE):
             capacity = max(int(demand.max()), 1)
         gates, token_index = token_choice(probs, self.top_k, capacity, second_uniform,
                                           self.second_threshold, validate=False)
-        return Routing(gates, token_index, demand, load_balancing_loss(probs, validate=False).mean())
+        return Routing(gates, token_index, demand, load_balancing_loss(probs, validate=False).mean(), k)
 
 
 class LossFreeMoE(TokenChoiceMoE):
@@ -201,7 +201,7 @@ class LossFreeMoE(TokenChoiceMoE):
     def route(self, probs):
         """probs [G, n, e] -> Routing: top_k of probs + expert_bias per token, dropless, the
         tokens each expert got as demand, aux_loss 0. Training forwards add to expert_load."""
-        e = probs.shape[-1]
+        n, e = probs.shape[-2:]
         # top_k on s_i + b_i (the gates stay s_i, renormalised over the chosen)
         choice_expert, _ = top_choices(probs, self.top_k, self.expert_bias)  # [G, n, top_k]
         demand = F.one_hot(choice_expert, e).sum((1, 2)).float()  # [G, e] tokens per expert
@@ -210,7 +210,8 @@ class LossFreeMoE(TokenChoiceMoE):
         capacity = max(int(demand.max()), 1)  # dropless: room for the busiest expert (host sync)
         gates, token_index = token_choice(probs, self.top_k, capacity, bias=self.expert_bias,
                                           validate=False)
-        return Routing(gates, token_index, demand, probs.new_zeros(()))
+        return Routing(gates, token_index, demand, probs.new_zeros(()),
+                       expert_capacity(n, e, self.capacity_factor))
 
     @torch.no_grad()
     def update_bias(self):

@@ -1,5 +1,6 @@
-"""lab/bench.py: command-line behaviour (clear errors, --quick vs explicit flags), the layers it times
-(built from the router table, moe/routers.py) and the JSON it writes.
+"""lab/bench.py and lab/bench_parallel.py: command-line behaviour (clear errors, --quick vs explicit
+flags), the layers they time (built from the router table, moe/routers.py, under the router name
+whose c the case uses) and the JSON they write.
 
 Timings are never asserted (they depend on the machine); only that every requested method was
 timed and the report says how (device, dtype, timer, compile). Sizes are tiny: these run in seconds.
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab import bench
-from moe.routers import ROUTERS
+from lab import bench, bench_parallel
+from lab.model import DenseFFN
+from moe.routers import ROUTERS, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,39 +74,60 @@ def test_bad_flag_from_the_command_line_prints_no_traceback():
     assert "argument --experts" in proc.stderr and ">= 2" in proc.stderr
 
 
-@pytest.mark.parametrize("extra", [[], ["--expert-parallel"]])
-def test_help_answers_as_a_module(extra):
-    """`python -m lab.bench --help` (and in --expert-parallel mode) prints usage and exits 0."""
-    proc = subprocess.run([sys.executable, "-m", "lab.bench", *extra, "--help"], capture_output=True,
+@pytest.mark.parametrize("module", ["lab.bench", "lab.bench_parallel"])
+def test_help_answers_as_a_module(module):
+    """`python -m lab.bench --help` and `python -m lab.bench_parallel --help` print usage, exit 0."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("usage: python -m lab.bench")
+    assert proc.stdout.startswith(f"usage: python -m {module}")
+
+
+def test_expert_parallel_flag_points_to_its_tool(capsys):
+    """The old `lab.bench --expert-parallel` stops with a usage error naming lab.bench_parallel."""
+    expect_usage_error(["--expert-parallel"], capsys, "--expert-parallel", "lab.bench_parallel")
 
 
 # ----------------------------------------------------------------------------- the router table
-def test_methods_time_the_router_tables_layers(monkeypatch):
-    """ec/top1/top2 are layers of the router table (make_layer), at the case's c and group 'batch':
-    the same class and options as moe/routers.py gives the name, nothing kept by hand here."""
-    built = []
-    original = bench.make_layer
-
-    def spy(name, *args, **kwargs):
-        layer = original(name, *args, **kwargs)
-        built.append((name, layer, kwargs))
-        return layer
-    monkeypatch.setattr(bench, "make_layer", spy)
-    cfg = bench.BenchConfig(tokens=[16], experts=[4], capacity_factors=[1.0], d_model=8, d_expert=8,
+@pytest.mark.parametrize("c, labels", [
+    (1.0, dict(ec="ec1", top1="top1", top2="top2@c1", et="et1")),
+    (2.0, dict(ec="ec2", top1="top1@c2", top2="top2", et="et2")),
+    (1.5, dict(ec="ec2@c1.5", top1="top1@c1.5", top2="top2@c1.5", et="et2@c1.5")),
+])
+def test_methods_time_the_router_named_for_the_case(c, labels):
+    """Each method times the router-table layer named for the case's c (ec1 at c = 1, ec2 at
+    c = 2, top2@c1: the label says the c), recorded in the row; its class, options and c are
+    resolve(label)'s, and its weights are those the bench drew before names carried the c
+    (the table's "ec2"/"et2" layer at the case's c, built in the same order)."""
+    cfg = bench.BenchConfig(tokens=[16], experts=[4], capacity_factors=[c], d_model=8, d_expert=8,
                             repeats=1, onehot_repeats=1, device="cpu", methods=list(bench.ROUTER_OF))
-    row = bench.bench_case(cfg, 16, 4, 1.0, [])
-    assert {name for name, _, _ in built} == set(bench.ROUTER_OF.values()) <= set(ROUTERS)
-    for name, layer, kwargs in built:
-        spec = ROUTERS[name]
-        assert type(layer) is spec.layer and layer.capacity_factor == 1.0 and layer.group == "batch"
+    assert {m: bench.router_label(m, c) for m in bench.ROUTER_OF} == labels
+    row = bench.bench_case(cfg, 16, 4, c, [])
+    assert row["routers"] == labels and all(row[f"{m}_ms"] > 0 for m in bench.ROUTER_OF)
+    torch.manual_seed(cfg.seed)
+    torch.randn(1, 16, 8)                                # the input, drawn first
+    old = {m: resolve(name, c).build(8, 8, 4, group="batch")   # the names the bench used to time
+           for m, name in dict(ec="ec2", top1="top1", top2="top2", et="et2").items()}
+    torch.manual_seed(cfg.seed)
+    torch.randn(1, 16, 8)
+    new = bench.router_layers(8, 8, 4, c, "cpu")
+    for m, layer in new.items():
+        spec = resolve(labels[m])
+        assert type(layer) is spec.layer is type(old[m]) and layer.capacity_factor == c == spec.capacity_factor
         assert all(getattr(layer, k) == v for k, v in spec.options.items())
-    assert row["k"] == 4 and all(row[f"{m}_ms"] > 0 for m in bench.ROUTER_OF)
-    # --expert-parallel's --router offers exactly the table's MoE routers
-    assert set(bench.EP_FLAGS["router"][0]) == {r for r, s in ROUTERS.items() if s.layer is not None}
-    assert bench.EPConfig().router in ROUTERS
+        for (name, a), b in zip(layer.state_dict().items(), old[m].state_dict().values()):
+            assert torch.equal(a, b), (m, name)
+
+
+def test_dense_is_the_trainers_dense_ffn_with_the_benchs_init():
+    """The yardstick is lab.model.DenseFFN (one dense FFN in the project), with the weights the
+    bench always drew: N(0, 1/fan-in), w_in then w_out."""
+    torch.manual_seed(3)
+    ffn = bench.dense_ffn(8, 24)
+    torch.manual_seed(3)
+    w_in, w_out = torch.randn(8, 24) / 8 ** 0.5, torch.randn(24, 8) / 24 ** 0.5
+    assert type(ffn) is DenseFFN
+    assert torch.equal(ffn.w_in, w_in) and torch.equal(ffn.w_out, w_out)
 
 
 def test_committed_bench_results_still_read():
@@ -192,14 +215,15 @@ def test_compile_tiny_on_cpu(tmp_path):
         assert any("compile" in note for note in result["notes"]), result["notes"]
 
 
-# ----------------------------------------------------------------------------- --expert-parallel
-def test_expert_parallel_mode_counts_bytes_and_times_the_exchange(tmp_path):
-    """--expert-parallel spawns W gloo processes: 4 all-to-alls per step, each sending
+# ----------------------------------------------------------------------------- lab.bench_parallel
+def test_expert_parallel_counts_bytes_and_times_the_exchange(tmp_path):
+    """lab.bench_parallel spawns W gloo processes: 4 all-to-alls per step, each sending
     e*k*d*4 B*(W-1)/W from every rank, timed in the layer and alone; W = 1 exchanges nothing."""
     path = tmp_path / "ep.json"
-    result = bench.main(["--expert-parallel", "--quick", "--world-sizes", "1", "2",
-                         "--json", str(path), "--txt", str(tmp_path / "ep.txt")])
+    result = bench_parallel.main(["--quick", "--world-sizes", "1,2", "--json", str(path),
+                                  "--txt", str(tmp_path / "ep.txt")])
     assert json.loads(path.read_text())["rows"] == result["rows"]
+    assert result["config"]["world_sizes"] == [1, 2] and result["config"]["router"] == "ec2"
     one, two = result["rows"]
     e, k, d = result["config"]["experts"], result["k"], result["config"]["d_model"]
     assert one["exchanges_per_step"] == 0 and one["bytes_per_exchange"] == 0
@@ -207,3 +231,34 @@ def test_expert_parallel_mode_counts_bytes_and_times_the_exchange(tmp_path):
     assert two["bytes_per_exchange"] == e * k * d * 4 / 2 and two["bytes_per_step"] == 4 * two["bytes_per_exchange"]
     assert two["layer_ms"] > 0 and two["in_layer_a2a_ms"] > 0 and two["alone_a2a_ms"] > 0
     assert "MiB" in (tmp_path / "ep.txt").read_text()
+
+
+def test_expert_parallel_names_the_router_with_its_c():
+    """--capacity-factor other than the router's own puts the c in the label ("ec2@c1"), --quick
+    keeps the flags given, and the run dict carries the resolved c."""
+    cfg, _, run = bench_parallel.parse_config(["--quick", "--capacity-factor", "1", "--tokens", "32"])
+    assert run["router"] == "ec2@c1" and run["capacity_factor"] == 1.0
+    assert run["tokens"] == 32 and run["experts"] == bench_parallel.QUICK["experts"]
+    assert run["world_sizes"] == [1, 2] and "quick" not in run
+    assert bench_parallel.parse_config(["--router", "ec1"])[2]["capacity_factor"] == 1.0
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--world-sizes", "3"], ["--world-sizes", "must divide --experts"]),
+    (["--world-sizes", "1,x"], ["--world-sizes", "integers >= 1"]),
+    (["--world-sizes", "0"], ["--world-sizes", "integers >= 1"]),
+    (["--tokens", "0"], ["--tokens", "integer >= 1"]),
+    (["--repeats", "0"], ["--repeats", "integer >= 1"]),
+    (["--router", "dense"], ["--router", "no experts"]),
+    (["--router", "bogus"], ["--router", "unknown router"]),
+    (["--router", "ec2@c1", "--capacity-factor", "2"], ["--capacity-factor", "states c = 1"]),
+    (["--capacity-factor", "0"], ["--capacity-factor", "> 0"]),
+])
+def test_expert_parallel_bad_flag_is_a_usage_error(argv, fragments, capsys):
+    """Bad flags of lab.bench_parallel stop with argparse's status 2, naming the flag and range."""
+    with pytest.raises(SystemExit) as info:
+        bench_parallel.parse_config(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err

@@ -129,3 +129,60 @@ def test_merge_adds_seeds_and_refuses_overlap_or_another_config(tmp_path):
     (b / "results.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="config differs"):
         compare.merge([a, b])
+
+
+def relabelled(res, labels):
+    """res with its routers renamed by {name: label}, its analysis recomputed."""
+    runs = [dict(r, router=labels.get(r["router"], r["router"])) for r in res["runs"]]
+    return result_set(runs, res["seeds"])
+
+
+def test_labels_at_one_c_are_judged_as_the_plans_pairs():
+    """A run set trained at --capacity-factor 1 carries labels ec2@c1, top2@c1, top2_aa@c1 (dense
+    has no c): ec2@c1 - top2@c1 is judged as the plan's ec2 - top2 pair, with the same numbers as
+    the same runs named without the suffix, the controls pair likewise, every sentence names the
+    labels, and the paper's 2x claim (about c = 2) is not read at c = 1."""
+    res = controls(moe_gain=0.1)
+    plain = res["analysis"]["judgment"]
+    at_c1 = relabelled(res, {"ec2": "ec2@c1", "top2": "top2@c1", "top2_aa": "top2_aa@c1"})
+    j = at_c1["analysis"]["judgment"]
+    assert j["family"] == ["ec2@c1 - top2@c1", "ec2@c1 - dense"]
+    assert j["positive_control"]["pair"] == "top2@c1 - dense" and j["positive_control"]["passed"]
+    assert [s["pair"] for s in j["null_controls"]] == ["top2_aa@c1 - top2@c1"]
+    for a, b in zip(j["pairs"], plain["pairs"]):
+        assert (a["mean"], a["lo"], a["hi"], a["p_holm"]) == (b["mean"], b["lo"], b["hi"], b["p_holm"])
+        assert a["sentence"].startswith(a["pair"] + ":") and "top2 " not in a["sentence"]
+    assert plain["claim_2x"] is not None and j["claim_2x"] is None
+    assert any("2x claim" in n and "ec2@c1 - top2@c1" in n for n in j["notes"])
+    assert "ec2@c1 - top2@c1" in compare.markdown(at_c1)
+
+
+def test_labels_at_different_c_never_pair():
+    """ec2@c1 and top2 (c = 2) are not the ec2 - top2 pair: a run set that mixes capacity
+    factors pairs only the runs at the table's c, and says so; without "@c" labels the judgment
+    is stats.judge's, unchanged."""
+    res = controls(moe_gain=0.1)
+    mixed = relabelled(res, {"ec2": "ec2@c1"})
+    j = mixed["analysis"]["judgment"]
+    assert not any("ec2@c1" in p for p in j["family"]) and j["positive_control"]["pair"] == "top2 - dense"
+    assert any("several capacity factors" in n for n in j["notes"])
+    names, note = compare.judged_names(["ec2", "top2", "dense"])
+    assert note is None and names == {"ec2": "ec2", "top2": "top2", "dense": "dense"}
+    assert compare.judge(res) == compare.stats.judge(res)
+    assert compare.pair_labels(["ec2@c1", "top2@c1", "top2", "dense"], [("ec2", "top2"), ("ec2", "dense")]) \
+        == [("ec2@c1", "top2@c1"), ("ec2@c1", "dense")]
+
+
+def test_curves_figure_beside_the_differences(tmp_path):
+    """write() puts curves.png (per-router validation loss, mean over seeds, band: the seed range)
+    beside differences.png; a diverged seed is left out of its router's curve, not a crash; the
+    command line writes it alone with --curves."""
+    res = controls(moe_gain=0.1, seeds=3)
+    res["runs"][0]["val_loss"][-1] = None       # a diverged run (strict JSON: null)
+    res["runs"][0]["final_val"] = None
+    res = result_set(res["runs"], res["seeds"])
+    compare.write(tmp_path / "set", res)
+    assert (tmp_path / "set" / "differences.png").stat().st_size > 10_000
+    assert (tmp_path / "set" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert compare.main([str(tmp_path / "set"), "--curves", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -817,6 +818,7 @@ def test_extra_repr_shows_the_settings():
     top1 = repr(routers.make_layer("top1", 8, 16, 4))
     assert "top_k=1" in top1 and "max_iter" not in top1 and "eval_routing" not in top1
     assert "eval_routing='threshold'" in repr(ecmoe.MoE(8, 16, 4, eval_routing="threshold"))
+    assert "eval_routing='group'" in repr(ecmoe.MoE(8, 16, 4, eval_routing="group"))
 
 
 def test_extra_repr_shows_check_inputs():
@@ -963,7 +965,7 @@ def test_thresholds_move_in_training_forwards_only():
     before = layer.threshold.clone()
     layer(x)
     assert int(layer.threshold_updates) == 1 and not torch.equal(layer.threshold, before)
-    for mode in ("threshold", "group"):
+    for mode in ("threshold", "group", "auto"):
         layer.eval_routing = mode
         layer.eval()
         frozen = layer.threshold.clone()
@@ -1002,10 +1004,10 @@ def test_thresholds_survive_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_group_eval_routing_is_bitwise_the_plain_layer(group):
-    """eval_routing="group" (default) and "threshold" in training mode compute exactly the
-    functional expert_choice layer: thresholds are bookkeeping only."""
+    """Every eval_routing in training mode, and "group" in eval, compute exactly the functional
+    expert_choice layer: in training the thresholds are bookkeeping only."""
     x = torch.randn(4, 5, 8, dtype=torch.float64)
-    for mode in ("group", "threshold"):
+    for mode in ecmoe.EVAL_ROUTINGS:
         layer = make_layer("ec2", group, eval_routing=mode).double()
         xg = layer.group_tokens(x)
         probs = ecmoe.router_probs(xg, layer.w_router)
@@ -1032,7 +1034,7 @@ def test_threshold_stats_report_loads_around_k():
 
 def test_bad_eval_routing_raises_clear_errors():
     """Bad eval_routing / threshold_decay values, and thresholds never trained, name the problem."""
-    with pytest.raises(ValueError, match="eval_routing must be 'group' or 'threshold'"):
+    with pytest.raises(ValueError, match="eval_routing must be 'auto', 'threshold' or 'group'"):
         ecmoe.MoE(8, 16, 4, eval_routing="greedy")
     # token-choice and capped layers have no thresholds: the argument does not exist there (it
     # was a ValueError "needs router='expert_choice'" when every router shared one class)
@@ -1074,6 +1076,209 @@ def test_cuda_threshold_routing_matches_cpu(group):
     layer.train(), gpu_layer.train()
     layer(x), gpu_layer(x.cuda())
     torch.testing.assert_close(gpu_layer.threshold.cpu(), layer.threshold, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- inference: safe defaults (issue 22)
+def train_default_layer(layer, steps=5, B=32, T=6, seed=0):
+    """`steps` Adam steps in training mode on batches [B, T, d] (float64), then eval(): how a
+    student trains the layer inside a model and then uses it."""
+    layer = layer.double()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(B, T, layer.d_model, generator=g, dtype=torch.float64)
+        loss = (layer(x).y - x.roll(1, dims=1)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return layer.eval()
+
+
+def recorded(call):
+    """Run call() recording every warning (none filtered away) -> (result, [warning messages])."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def filled_slots_per_token(layer, x):
+    """Expert slots the layer fills per token on x [B, T, d] (its route in its current mode)."""
+    probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router)
+    return float((layer.route(probs).token_index >= 0).sum()) / (x.shape[0] * x.shape[1])
+
+
+def test_default_eval_routing_is_auto():
+    """ecmoe.MoE() defaults to eval_routing="auto"; token-choice and capped layers route as in
+    training ("group", set explicitly); Expert Threshold stays "threshold"."""
+    assert ecmoe.MoE(8, 16, 4).eval_routing == "auto"
+    for router, mode in [("top1", "group"), ("top2_dropless", "group"), ("top2_lossfree", "group"),
+                         ("cap2", "group"), ("et2", "threshold"), ("ec2", "auto")]:
+        assert routers.make_layer(router, 8, 16, 4).eval_routing == mode, router
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_trained_default_layer_gives_batch_one_the_batch_32_output(group):
+    """Default eval routing, trained in training mode, then eval: each sequence alone (batch 1)
+    gets exactly its row of the batch-32 output (float64, atol 1e-12), for every group."""
+    torch.manual_seed(0)
+    layer = train_default_layer(ecmoe.MoE(8, 16, 16, group=group))
+    x = torch.randn(32, 6, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        (together, alone), messages = recorded(lambda: (layer(x).y, [layer(x[i:i + 1]).y for i in range(32)]))
+    assert messages == []
+    for i in range(32):
+        torch.testing.assert_close(alone[i], together[i:i + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_trained_default_layer_is_causal_in_eval(group):
+    """Default eval routing, trained, eval: changing the tokens after t never changes the outputs
+    at <= t, at batch size 1 and 32, even for group "sequence" and "batch" (whose group routing
+    sees the future)."""
+    torch.manual_seed(0)
+    layer = train_default_layer(ecmoe.MoE(8, 16, 16, group=group))
+    g = torch.Generator().manual_seed(2)
+    for B in (1, 32):
+        x = torch.randn(B, 6, 8, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            y = layer(x).y
+            for t in range(5):
+                x2 = x.clone()
+                x2[:, t + 1:] = 3 * torch.randn(B, 5 - t, 8, generator=g, dtype=torch.float64)
+                y2 = layer(x2).y
+                assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])  # the change bites
+                torch.testing.assert_close(y2[:, :t + 1], y[:, :t + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [1.0, 2.0])
+def test_trained_default_layer_at_batch_one_fills_about_c_slots_per_token(c):
+    """Default eval routing at batch size 1 fills about c expert slots per token (0.5c..1.5c over
+    32 sequences), as in training, not e = 16: explicit group routing fills all 16."""
+    torch.manual_seed(0)
+    layer = train_default_layer(ecmoe.MoE(8, 16, 16, capacity_factor=c), steps=20)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 6, 8, generator=g, dtype=torch.float64) for _ in range(32)]
+    with torch.no_grad():
+        auto = np.mean([filled_slots_per_token(layer, x) for x in xs])
+        layer.eval_routing = "group"
+        group = np.mean(recorded(lambda: [filled_slots_per_token(layer, x) for x in xs])[0])
+    assert 0.5 * c <= auto <= 1.5 * c, auto
+    assert group == 16.0  # k = 1 for every expert: each expert takes the one token of the group
+
+
+def test_untrained_default_layer_in_eval_falls_back_to_group_routing_and_warns_once():
+    """eval_routing="auto" in an untrained layer: eval forwards route by group (bitwise the
+    explicit "group" output), the first one warns (UserWarning naming the remedy), later ones
+    do not, and nothing is learned; after one training forward, eval routes by threshold."""
+    torch.manual_seed(0)
+    layer = ecmoe.MoE(8, 16, 4).double().eval()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        (first, second), messages = recorded(lambda: (layer(x).y, layer(x).y))
+        layer.eval_routing = "group"
+        explicit = layer(x).y
+    assert len(messages) == 1, messages
+    assert "untrained" in messages[0] and "state_dict" in messages[0] and "eval_routing='group'" in messages[0]
+    assert torch.equal(first, explicit) and torch.equal(second, explicit)
+    assert int(layer.threshold_updates) == 0
+    layer.eval_routing = "auto"
+    layer.train()(x)
+    layer.eval()
+    probs = ecmoe.router_probs(layer.group_tokens(x), layer.w_router)
+    r, messages = recorded(lambda: layer.route(probs))
+    assert messages == [] and torch.equal(r.token_index, ecmoe.threshold_choice(probs, layer.threshold)[1])
+
+
+@pytest.mark.parametrize("n,e,c,k,degenerate", [
+    (32, 16, 2.0, 4, False),   # the trainer's default: e*k/n = 2 = c
+    (32, 16, 1.0, 2, False),   # ec1: e*k/n = 1 = c
+    (1, 16, 2.0, 1, True),     # batch size 1: e*k/n = 16 = 8c
+    (8, 16, 1.0, 1, True),     # k = ceil(0.5) = 1: e*k/n = 2 = 2c, the edge warns
+    (9, 16, 1.0, 1, False),    # e*k/n = 1.78 < 2c
+    (5, 4, 2.0, 3, False),     # k = ceil(2.5) = 3: e*k/n = 2.4 < 4
+])
+def test_degenerate_bucket_warning_follows_the_rule(n, e, c, k, degenerate):
+    """Group routing warns iff e*k/n >= 2c (k = ceil(n c / e) clipped to >= 1), by hand."""
+    assert ecmoe.expert_capacity(n, e, c) == k
+    layer = ecmoe.MoE(8, 16, e, capacity_factor=c, group="sequence", eval_routing="group")
+    x = torch.randn(2, n, 8)
+    _, messages = recorded(lambda: layer(x))  # training mode
+    assert len(messages) == degenerate, messages
+    if degenerate:
+        assert f"n={n}" in messages[0] and f"k = ceil(n*c/e) = {k}" in messages[0] and f"e={e}" in messages[0]
+        assert f"e*k/n = {e * k / n:g}" in messages[0] and "eval_routing='auto'" in messages[0]
+
+
+def test_degenerate_bucket_warning_fires_once_per_layer_at_batch_one():
+    """Explicit eval_routing="group" at batch size 1 (trained, eval): each layer warns once,
+    however many forwards; two layers warn once each."""
+    torch.manual_seed(0)
+    layers = [train_default_layer(ecmoe.MoE(8, 16, 16, eval_routing="group")) for _ in range(2)]
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        _, messages = recorded(lambda: [layer(x) for layer in layers for _ in range(3)])
+    assert len(messages) == 2 and all("e*k/n = 16" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("c", [1.0, 2.0])
+@pytest.mark.parametrize("eval_routing", ecmoe.EVAL_ROUTINGS)
+def test_trainer_default_config_never_warns(c, eval_routing):
+    """The trainer's default shapes (batch 32, position groups: n = 32, e = 16, c = 1 and 2)
+    warn neither in training nor in eval at the training batch size, whatever eval_routing."""
+    layer = ecmoe.MoE(16, 32, 16, capacity_factor=c, eval_routing=eval_routing)
+    x = torch.randn(32, 8, 16)
+    _, messages = recorded(lambda: [layer.train()(x), layer.train()(x), layer.eval()(x)])
+    assert messages == []
+
+
+def test_state_dict_carries_the_thresholds_to_a_fresh_default_layer(tmp_path):
+    """A fresh default layer that loads a trained state_dict routes by threshold at once: no
+    warning, the trained layer's output at batch 1 and 32 (bitwise)."""
+    torch.manual_seed(0)
+    trained = train_default_layer(ecmoe.MoE(8, 16, 16))
+    torch.save(trained.state_dict(), tmp_path / "moe.pt")
+    torch.manual_seed(9)
+    fresh = ecmoe.MoE(8, 16, 16).double()
+    fresh.load_state_dict(torch.load(tmp_path / "moe.pt", weights_only=True))
+    fresh.eval()
+    x = torch.randn(32, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        (y32, y1), messages = recorded(lambda: (fresh(x).y, fresh(x[:1]).y))
+        assert torch.equal(y32, trained(x).y) and torch.equal(y1, trained(x[:1]).y)
+    assert messages == [] and int(fresh.threshold_updates) == 5
+    probs = ecmoe.router_probs(fresh.group_tokens(x), fresh.w_router)
+    assert torch.equal(fresh.route(probs).token_index, ecmoe.threshold_choice(probs, fresh.threshold)[1])
+
+
+@pytest.mark.parametrize("router", ["ec2", "cap2", "top1", "top2", "top2_dropless", "top2_gshard",
+                                    "top2_lossfree", "et2"])
+def test_routing_carries_the_bucket_size(router):
+    """Routing.capacity is the bucket k = expert_capacity(n, e, c) of the group size (dropless:
+    the bucket the statistics compare with, not the slots), and the forward's overflow uses it."""
+    layer = make_layer(router, "sequence", c=1.0, max_iter=50).double()
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    layer(x)  # et2: its first forward learns thresholds
+    torch.manual_seed(0)
+    r = layer.route(ecmoe.router_probs(layer.group_tokens(x), layer.w_router))
+    assert r.capacity == ecmoe.expert_capacity(10, 4, 1.0) == 3 and type(r.capacity) is int
+    torch.manual_seed(0)
+    out = layer(x)
+    assert float(out.stats.overflow_fraction) == float((r.demand > 3).float().mean())
+
+
+@pytest.mark.parametrize("router", ["top1", "top2", "top2_dropless", "top2_lossfree", "cap3"])
+def test_token_choice_and_capped_layers_do_not_warn_at_batch_one(router):
+    """Token-choice and capped layers route at batch size 1 in eval exactly as in training
+    (bitwise), untrained or trained, and never warn (they have no group buckets to degenerate).
+    Capped: in a sequence group (a group of one token cannot hold its buckets under the cap)."""
+    torch.manual_seed(0)
+    kw = dict(max_iter=50, group="sequence") if router == "cap3" else {}
+    layer = routers.make_layer(router, 8, 16, 4, **kw).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        (train_y, eval_y), messages = recorded(lambda: (layer.train()(x).y, layer.eval()(x).y))
+    assert messages == [] and torch.equal(train_y, eval_y)
 
 
 # ----------------------------------------------------------------------------- the layer classes (issue 16)

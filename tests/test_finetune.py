@@ -1,10 +1,13 @@
-"""Properties of lab/finetune.py: the task suite is deterministic and keeps val/test on held-out
-files, its examples are what they claim, the metrics score hand cases right, the controls follow
-the analysis plan's rules (lab/stats.py), the committed report still reads, and a dry run
-fine-tunes a tiny pretraining run end to end (lm and t5) into the files the report describes."""
+"""Properties of fine-tuning (lab/finetune.py, its task suite lab/finetune_tasks.py and its report
+lab/finetune_report.py): the suite is deterministic and keeps val/test on held-out files, its
+examples are what they claim, the metrics score hand cases right, the controls follow the
+analysis plan's rules (lab/stats.py) and the comparisons get Holm, the committed reports re-derive
+to their numbers, and a dry run fine-tunes a tiny pretraining run end to end (lm and t5) into the
+files the report describes."""
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +18,10 @@ import torch
 
 import train_tiny as tt
 from lab import finetune as ft
+from lab import finetune_report as report
+from lab import finetune_tasks as suite_lib
 from lab import stats
+from lab.runner import import_closure
 from lab.corpus import stdlib_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def suite():
-    return ft.build_suite(ft.Config(**SMALL))
+    return suite_lib.build_suite(ft.Config(**SMALL))
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +74,11 @@ def test_help_answers_as_a_module():
 
 def test_suite_is_deterministic(suite):
     """Building the suite again from scratch (cache cleared) gives identical examples."""
-    ft.candidate_pools.cache_clear()
-    again = ft.build_suite(ft.Config(**SMALL))
+    suite_lib.candidate_pools.cache_clear()
+    again = suite_lib.build_suite(ft.Config(**SMALL))
     for name, d in suite["tasks"].items():
         assert d["sha256"] == again["tasks"][name]["sha256"]
-        for split in ft.SPLITS:
+        for split in suite_lib.SPLITS:
             for key in ("prompt", "answer", "label"):
                 assert np.array_equal(d[split][key], again["tasks"][name][split][key])
             assert d[split]["source"] == again["tasks"][name][split]["source"]
@@ -86,7 +92,7 @@ def test_val_and_test_come_only_from_held_out_files(suite):
     held = {str(p.relative_to(root)) for i, p in enumerate(files) if i % 20 == 10}
     assert len(held) >= 30
     for name, d in suite["tasks"].items():
-        src = {s: set(d[s]["source"]) for s in ft.SPLITS}
+        src = {s: set(d[s]["source"]) for s in suite_lib.SPLITS}
         assert src["val"] <= held and src["test"] <= held, name
         assert not src["val"] & src["test"], name
         assert not src["train"] & held, name
@@ -98,9 +104,9 @@ def test_sizes_and_fixed_length_prompts(suite):
     """Each split has the requested size (root: balanced, so possibly fewer); every prompt of a
     task has the same length, padding only on the left, and ends with the task's cue."""
     for name, d in suite["tasks"].items():
-        task = ft.TASKS[name]
+        task = suite_lib.TASKS[name]
         assert len(d["train"]["answer_text"]) == SMALL["train_examples"]
-        for split in ft.SPLITS:
+        for split in suite_lib.SPLITS:
             P = d[split]["prompt"]
             assert P.shape[1] == d["train"]["prompt"].shape[1]
             real = P != tt.PAD
@@ -113,11 +119,11 @@ def test_sizes_and_fixed_length_prompts(suite):
 
 def test_valid_negatives_fail_to_parse_and_positives_parse(suite):
     """'n' statements (one byte deleted) fail ast.parse; 'y' statements parse; 50/50 split."""
-    task = ft.TASKS["valid"]
-    for split in ft.SPLITS:
+    task = suite_lib.TASKS["valid"]
+    for split in suite_lib.SPLITS:
         d = suite["tasks"]["valid"][split]
         for j, lab in enumerate(d["label"]):
-            ok = ft.parses(content(d, j, task))
+            ok = suite_lib.parses(content(d, j, task))
             assert ok == (task.labels[lab] == b"y"), content(d, j, task)
         assert abs(np.mean(d["label"]) - 0.5) < 0.01
 
@@ -125,8 +131,8 @@ def test_valid_negatives_fail_to_parse_and_positives_parse(suite):
 def test_root_labels_are_the_root_node_type(suite):
     """Every root example parses as an expression whose root node has the labelled type; the
     classes are balanced."""
-    task = ft.TASKS["root"]
-    for split in ft.SPLITS:
+    task = suite_lib.TASKS["root"]
+    for split in suite_lib.SPLITS:
         d = suite["tasks"]["root"][split]
         for j, lab in enumerate(d["label"]):
             body = ast.parse(content(d, j, task), mode="eval").body
@@ -138,13 +144,13 @@ def test_root_labels_are_the_root_node_type(suite):
 def test_ident_answer_completes_an_identifier_of_the_context(suite):
     """An ident prompt ends with the identifier's first 2 bytes and the whole identifier occurs
     earlier in the prompt; the answer is the rest, then EOS."""
-    task = ft.TASKS["ident"]
-    for split in ft.SPLITS:
+    task = suite_lib.TASKS["ident"]
+    for split in suite_lib.SPLITS:
         d = suite["tasks"]["ident"][split]
         for j, rest in enumerate(d["answer_text"]):
             text = content(d, j, task)
-            ident = text[-ft.IDENT_HINT:] + rest.encode()
-            assert ident in text[:-ft.IDENT_HINT]
+            ident = text[-suite_lib.IDENT_HINT:] + rest.encode()
+            assert ident in text[:-suite_lib.IDENT_HINT]
             assert (ident[:1].isalpha() or ident[:1] == b"_") and len(ident) >= 4
             ans = d["answer"][j]
             assert list(ans[:len(rest) + 1]) == [b + tt.BYTE0 for b in rest.encode()] + [tt.EOS]
@@ -165,14 +171,14 @@ def test_lm_and_t5_batches_put_the_answer_where_the_loss_is():
 
 def test_metrics_on_hand_cases():
     """Exact match, accuracy, rank classification (ties: first label), answer decoding."""
-    assert ft.exact_match([b"ab", None, b"c"], [b"ab", b"x", b"d"]) == pytest.approx(100 / 3)
-    assert ft.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 75.0
+    assert suite_lib.exact_match([b"ab", None, b"c"], [b"ab", b"x", b"d"]) == pytest.approx(100 / 3)
+    assert suite_lib.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 75.0
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [9.0, 0.0, 3.0, 3.0]])
-    assert ft.rank_classify(logits, torch.tensor([2, 3])).tolist() == [1, 0]
+    assert suite_lib.rank_classify(logits, torch.tensor([2, 3])).tolist() == [1, 0]
     B = tt.BYTE0
-    assert ft.decode_answer([ord("a") + B, ord("b") + B, tt.EOS, 0], tt.EOS) == b"ab"
-    assert ft.decode_answer([ord("a") + B, ord("b") + B], tt.EOS) is None       # never ended
-    assert ft.decode_answer([tt.PAD, tt.EOS], tt.EOS) is None                   # not a byte
+    assert suite_lib.decode_answer([ord("a") + B, ord("b") + B, tt.EOS, 0], tt.EOS) == b"ab"
+    assert suite_lib.decode_answer([ord("a") + B, ord("b") + B], tt.EOS) is None       # never ended
+    assert suite_lib.decode_answer([tt.PAD, tt.EOS], tt.EOS) is None                   # not a byte
 
 
 class ScriptedLM(torch.nn.Module):
@@ -203,7 +209,7 @@ def test_generate_stops_and_pads_finished_rows():
                             [ord("b") + B, ord("c") + B, ord("d") + B, tt.EOS, 0, 0]]
     assert len(model.seen) == 4                          # stopped when both rows ended
     assert model.seen[-1][0, -2:].tolist() == [tt.EOS, tt.PAD]
-    assert [ft.decode_answer(r, tt.EOS) for r in out] == [b"a", b"bcd"]
+    assert [suite_lib.decode_answer(r, tt.EOS) for r in out] == [b"a", b"bcd"]
 
 
 def test_evaluate_pads_the_last_batch_and_scores_each_example_once():
@@ -220,7 +226,7 @@ def test_evaluate_pads_the_last_batch_and_scores_each_example_once():
     model = ByPrompt(scripts)
     data = dict(prompt=np.array([[10 + j, 3, 3] for j in range(5)]), answer_text=gold,
                 answer=np.zeros((5, 4), np.int64), label=np.full(5, -1))
-    score, correct = ft.evaluate(model, ft.TASKS["ident"], data, "lm", 2, torch.device("cpu"))
+    score, correct = ft.evaluate(model, suite_lib.TASKS["ident"], data, "lm", 2, torch.device("cpu"))
     assert correct == [1, 1, 0, 1, 1] and score == 80.0
     assert {len(x) for x in model.seen} == {2}
 
@@ -229,7 +235,7 @@ def test_evaluate_classify_is_rank_classification_over_the_label_bytes():
     """Classification scores the label bytes' logits at the last prompt position: here the
     stub prefers 'n' for prompts starting with an odd token, 'y' otherwise; other tokens have
     higher logits but are not labels."""
-    task = ft.TASKS["valid"]
+    task = suite_lib.TASKS["valid"]
     y, n = (lab[0] + tt.BYTE0 for lab in task.labels)
 
     class Stub(torch.nn.Module):
@@ -279,12 +285,12 @@ def test_analysis_pairs_by_seed_and_counts_wins_per_seed():
             runs += [dict(router=rt, seed=s, task=task, val=v, test=v, s_per_step=0.1)
                      for s, v in enumerate(scores)]
     res = dict(runs=runs, routers=["ec2", "dense"], tasks=["a", "b"])
-    a = ft.analyse(res)
+    a = report.analyse(res)
     p = next(p for p in a["pairs"] if (p["challenger"], p["baseline"]) == ("ec2", "dense"))
     assert p["by_task"]["a"]["per_seed"] == [10, 10] and p["by_task"]["a"]["mean"] == 10
     assert p["by_task"]["b"]["per_seed"] == [-5, 10]
     assert p["wins_per_seed"] == {0: 1, 1: 2} and p["n_tasks"] == 2
-    assert a["routers"][ft.AVERAGE]["ec2"]["per_seed"] == {0: 55.0, 1: 60.0}
+    assert a["routers"][report.AVERAGE]["ec2"]["per_seed"] == {0: 55.0, 1: 60.0}
     assert a["positive"] is None and a["null"] is None
 
 
@@ -306,7 +312,7 @@ def test_controls_follow_the_analysis_plan():
              ft.SCRATCH: {"a": [58, 67, 74, 43], "b": [50, 52, 54, 56]},
              "top2": {"a": [40, 41, 42, 43], "b": [60, 60, 60, 60]},
              "top2_aa": {"a": [40, 42, 41, 44], "b": [70, 71, 72, 73]}}
-    a = ft.analyse(scores_result(table))
+    a = report.analyse(scores_result(table))
     pos, null = a["positive"]["by_task"], a["null"]["by_task"]
     d = pos["a"]["per_seed"]
     assert d == [2, 3, 6, 7] and abs(np.mean(d)) < 2 * np.std(d, ddof=1)   # v0 would fail it
@@ -316,31 +322,84 @@ def test_controls_follow_the_analysis_plan():
     assert null["b"]["null_ok"] is stats.null_control(null["b"]["per_seed"])["passed"]
     text = " ".join(a["verdict"])
     assert f"analysis plan v{stats.PLAN_VERSION}" in text and "INTERVAL EXCLUDES 0 on b" in text
-    one = ft.analyse(scores_result({rt: {t: v[:1] for t, v in x.items()} for rt, x in table.items()}))
+    one = report.analyse(scores_result({rt: {t: v[:1] for t, v in x.items()} for rt, x in table.items()}))
     assert one["positive"]["by_task"]["a"]["passes"] is None
     assert one["null"]["by_task"]["b"]["null_ok"] is None
     assert one["positive"]["by_task"]["a"]["lo"] is None     # one seed: no interval
     assert "not judged" in " ".join(one["verdict"])
 
 
-def test_committed_report_still_reads(tmp_path):
-    """assets/lm_finetune/finetune.json (written by the earlier finetune.py) renders to markdown and
-    a figure, and re-analysed under the plan's rules it keeps its scores, intervals and controls."""
-    res = json.loads((ROOT / "assets" / "lm_finetune" / "finetune.json").read_text())
-    assert "positive control" in ft.markdown(res)
-    again = ft.analyse(res)
+def test_comparisons_get_holm_over_the_family():
+    """Each comparison's average carries the Holm-adjusted p of the family of comparisons
+    (stats.holm of their paired-t p, in order); the controls are not in the family; the verdict
+    and the table quote it."""
+    table = {"ec1": {"a": [60, 62, 64, 66], "b": [50, 51, 52, 53]},
+             "top1": {"a": [50, 51, 52, 54], "b": [50, 50, 52, 52]},
+             "ec2": {"a": [55, 56, 57, 58], "b": [50, 51, 50, 51]},
+             "top2": {"a": [55, 55, 58, 58], "b": [51, 51, 50, 50]},
+             "top2_aa": {"a": [55, 56, 57, 59], "b": [51, 50, 50, 51]}}
+    a = report.analyse(scores_result(table))
+    family = [p["by_task"][report.AVERAGE] for p in a["pairs"]]
+    assert [(p["challenger"], p["baseline"]) for p in a["pairs"]] == [("ec1", "top1"), ("ec2", "top2")]
+    assert [d["p_holm"] for d in family] == stats.holm([d["p"] for d in family])
+    assert family[0]["p_holm"] == pytest.approx(min(1.0, 2 * min(d["p"] for d in family)))
+    assert "p_holm" not in a["null"]["by_task"][report.AVERAGE]
+    assert f"Holm p = {family[0]['p_holm']:.3g} over the 2 comparisons" in a["verdict"][2]
+    assert [role for role, _ in report.rows_of(a)] == ["null control", "", ""]   # no positive
+
+
+def test_labels_pair_at_one_capacity_factor():
+    """Run labels carry the c a run used when it differs from the router table's (moe/routers.py):
+    "ec2@c1" pairs with "top2@c1" (the ec2 - top2 pair at c = 1) and with dense (no c), never
+    with "top2" (c = 2); the null control "top2_aa@c1" pairs with "top2@c1"."""
+    table = {rt: {"a": [50, 52, 54], "b": [60, 61, 62]}
+             for rt in ("ec2@c1", "top2@c1", "top2", "dense", "top2_aa@c1")}
+    a = report.analyse(scores_result(table))
+    assert [(p["challenger"], p["baseline"]) for p in a["pairs"]] == [
+        ("ec2@c1", "top2@c1"), ("ec2@c1", "dense"), ("top2@c1", "dense"), ("top2", "dense")]
+    assert (a["null"]["challenger"], a["null"]["baseline"]) == ("top2_aa@c1", "top2@c1")
+
+
+@pytest.mark.parametrize("name", ["lm_finetune", "lm_finetune_after_ec"])
+def test_committed_reports_re_derive(name, tmp_path):
+    """assets/NAME/finetune.json (written by the earlier finetune.py) re-derives, through
+    python -m lab.finetune_report, every score, difference, interval and control it holds
+    (the new Holm clause aside, the comparisons' verdict lines are the committed ones) into
+    finetune.md and a figure."""
+    path = ROOT / "assets" / name / "finetune.json"
+    res = json.loads(path.read_text())
+    again = report.analyse(res)
+    old = res["analysis"]
+    assert again["tasks"] == old["tasks"]
     for role in ("positive", "null"):
         for task, d in again[role]["by_task"].items():
-            old = res["analysis"][role]["by_task"][task]
             for key in ("mean", "lo", "hi"):
-                assert d[key] == pytest.approx(old[key]), (role, task, key)
+                assert d[key] == pytest.approx(old[role]["by_task"][task][key]), (role, task, key)
     assert all(d["passes"] is True for d in again["positive"]["by_task"].values())
     assert all(d["null_ok"] is True for d in again["null"]["by_task"].values())
-    res["analysis"] = again
-    md = ft.markdown(res)
-    assert f"analysis plan v{stats.PLAN_VERSION}" in md
-    ft.plot(tmp_path / "f.png", res)
-    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(p["challenger"], p["baseline"]) for p in again["pairs"]] == \
+        [(p["challenger"], p["baseline"]) for p in old["pairs"]]
+    for p, q in zip(again["pairs"], old["pairs"]):
+        for task, d in p["by_task"].items():
+            assert [d[k] for k in ("mean", "lo", "hi", "n")] == \
+                pytest.approx([q["by_task"][task][k] for k in ("mean", "lo", "hi", "n")]), task
+        assert json.loads(json.dumps(p["wins_per_seed"])) == q["wins_per_seed"]
+    n = len(again["pairs"])
+    assert [re.sub(r"; Holm p = \S+ over the \d+ comparisons", "", v) for v in again["verdict"][2:]] \
+        == old["verdict"][2:] and n == len(old["verdict"]) - 2
+    assert report.main([str(path), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "finetune.md").read_text()
+    assert f"analysis plan v{stats.PLAN_VERSION}" in md and "Holm p (average)" in md
+    assert (tmp_path / "finetune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_code_hash_covers_the_suite_and_the_report():
+    """A fine-tuning result's code_sha256 covers this tool, its task suite and its report (the
+    files it imports, lab.runner.import_closure), and the trainer's files."""
+    files = import_closure(ROOT, "lab/finetune.py")
+    for f in ("lab/finetune.py", "lab/finetune_tasks.py", "lab/finetune_report.py",
+              "train_tiny.py", "ecmoe.py", "moe/grouped.py"):
+        assert f in files, f
 
 
 def test_dry_run_end_to_end_lm_and_resume(lm_run, capsys):
@@ -352,11 +411,11 @@ def test_dry_run_end_to_end_lm_and_resume(lm_run, capsys):
     saved = json.loads((out / "finetune.json").read_text())
     routers = ["ec2", "top2", "dense", "top2_aa", ft.SCRATCH]
     assert saved["routers"] == routers and saved["seeds"] == [0, 1]
-    assert len(saved["runs"]) == len(routers) * 2 * len(ft.TASKS)
+    assert len(saved["runs"]) == len(routers) * 2 * len(suite_lib.TASKS)
     assert all(r["arch"] == "lm" and 0 <= r["test"] <= 100 for r in saved["runs"])
     assert len(list((out / "finetune_runs").glob("*.json"))) == len(saved["runs"])
     md = (out / "finetune.md").read_text()
-    for word in routers + list(ft.TASKS) + ["positive control", "null control",
+    for word in routers + list(suite_lib.TASKS) + ["positive control", "null control",
                                             "majority baseline", "ec2 - top2", "ec2 - dense"]:
         assert word in md
     for name, s in saved["suite"].items():

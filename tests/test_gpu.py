@@ -5,7 +5,9 @@
 - their forward+backward on CUDA in float32 and under bf16 autocast matches CPU float64;
 - lab.bench times on CUDA with CUDA events, in float32 and bf16 autocast;
 - lab.gpu_check --dry-run writes a report listing every stage, without touching assets/; its
-  pytest stage runs without the nbmake plugin (the GPU image has none); without a GPU it refuses.
+  pytest stage runs without the nbmake plugin (the GPU image has none); without a GPU it refuses;
+  it trains the GPU rungs of the scale ladder (train_tiny.rung(512), rung(1024)) and projects each
+  rung's wall time from the s/step it measured.
 The GPU tests are marked `gpu` and skip cleanly without CUDA / CuPy (tests/conftest.py); the small
 models of tests/test_ecmoe.py and tests/test_reference.py already cover CuPy on tiny shapes.
 """
@@ -122,14 +124,20 @@ def test_bench_on_cuda(dtype, tmp_path):
 
 
 # ----------------------------------------------------------------------------- gpu_check plumbing
-def test_projection_borrows_measured_routers():
-    """The GPU-preset projection uses measured s/step, and names every borrowed one."""
+@pytest.mark.parametrize("d", gpu_check.RUNGS)
+def test_projection_of_a_ladder_rung_borrows_measured_routers(d):
+    """The projection of GPU rung d is the ladder's run of it: the GPU preset's routers (the
+    ladder's + top2_dropless), the default steps, lab.stats.LADDER_SEEDS seeds, rung(d)'s widths;
+    it uses the measured s/step and names every borrowed one."""
     import train_tiny
+    from lab import stats
     rows = {"top2": dict(s_per_step=0.2), "ec2": dict(s_per_step=0.1), "dense": dict(s_per_step=0.05)}
     res = dict(wall_time_s=100.0, train_time_sum_s=50.0, runs=[dict(val_step=[75, 150, 200])] * 3)
-    proj = gpu_check.projection(rows, res, dry_run=False)
+    proj = gpu_check.projection(d, rows, res, dry_run=False)
     routers = [r for r in train_tiny.GPU_PRESET["routers"].split(",") if r]
-    assert proj["routers"] == routers
+    assert routers == train_tiny.LADDER_ROUTERS.split(",") + ["top2_dropless"]
+    assert proj["routers"] == routers and proj["rung"] == d and proj["fields"] == train_tiny.rung(d)
+    assert proj["seeds"] == stats.LADDER_SEEDS and proj["steps"] == train_tiny.Config().steps == 600
     for r in routers:
         measured, factor = gpu_check.stand_in(r)
         expected = rows[r]["s_per_step"] if r in rows else rows[measured]["s_per_step"] * factor
@@ -138,8 +146,27 @@ def test_projection_borrows_measured_routers():
     runs = proj["seeds"] * len(routers)
     expected = sum(proj["s_per_step"].values()) * proj["steps"] * proj["seeds"] / min(proj["workers"], runs)
     assert proj["projected_train_s"] == pytest.approx(expected)
+    assert proj["projected_train_s_per_seed"] == pytest.approx(expected / proj["seeds"])
     assert proj["overhead_s_per_validation"] == pytest.approx(50.0 / 9)
     assert proj["projected_wall_upper_s"] > proj["projected_train_s"]
+    assert "measured" in proj["note"] and "projected" in proj["note"]
+    assert "projects nothing" in gpu_check.projection(d, rows, res, dry_run=True)["note"]
+
+
+def test_report_says_what_is_measured_and_what_projected(tmp_path):
+    """The report names each rung's projection as projected (a dry run: as no projection at all)
+    and says what was measured."""
+    rows = {"top2": dict(s_per_step=0.2, source="log"), "ec2": dict(s_per_step=0.1, source="log")}
+    for dry_run, word in ((False, "**Projected: ladder rung d=1024**"),
+                          (True, "**DRY RUN, not a projection: ladder rung d=1024**")):
+        summary = dict(dry_run=dry_run, command="x", started_utc="now", wall_s=1.0, budget_s=460,
+                       env={}, stages={}, bench={},
+                       train={"1024": dict(rows=rows, projection=gpu_check.projection(
+                           1024, rows, {}, dry_run))})
+        gpu_check.write_report(tmp_path, summary)
+        text = (tmp_path / "report.md").read_text()
+        assert word in text and "ladder rung d=1024: s/step per router" in text
+        assert "Measured: what the stages below timed" in text and "Assumed (not measured)" in text
 
 
 def test_train_summary_reads_progress_of_a_cut_run(tmp_path):
@@ -183,15 +210,24 @@ def test_help_answers_as_a_module():
 
 
 def test_stages_run_the_lab_tools_and_only_the_gpu_tests(tmp_path):
-    """The stages run lab.bench as a module and train_tiny.py from the repo root; pytest selects the
+    """The stages run lab.bench as a module and train_tiny.py from the repo root, at each GPU rung
+    of the ladder with rung(d)'s flags (a dry run: tiny, the plumbing only); pytest selects the
     GPU tests (-m gpu) and overrides pytest.ini's addopts and blocks nbmake (the GPU image has no
     nbmake or jupyter)."""
+    import train_tiny
+    assert gpu_check.RUNGS == (512, 1024) and train_tiny.GPU_PRESET["d_model"] == 512
     for dry_run in (False, True):
         plan = {name: cmd for name, cmd, _, _ in gpu_check.stages(dry_run, tmp_path, tmp_path / "train")}
         for name, cmd in plan.items():
             if name.startswith("bench"):
                 assert cmd[1:3] == ["-m", "lab.bench"], cmd
-        assert plan["train_tiny"][1] == "train_tiny.py" and (ROOT / "train_tiny.py").exists()
+        for d in gpu_check.RUNGS:
+            cmd = plan[f"train_d{d}"]
+            assert cmd[1] == "train_tiny.py" and (ROOT / "train_tiny.py").exists()
+            assert cmd[cmd.index("--out") + 1] == str(tmp_path / "train" / f"d{d}")
+            for k, v in (train_tiny.rung(d).items() if not dry_run else ()):
+                assert cmd[cmd.index(f"--{k.replace('_', '-')}") + 1] == str(v), (d, k)
+            assert ("--dry-run" in cmd) == dry_run
         pytest_cmd = plan["pytest"]
         assert pytest_cmd[1:3] == ["-m", "pytest"] and pytest_cmd[-1] == "tests/"
         joined = " ".join(pytest_cmd)
@@ -241,7 +277,10 @@ def test_gpu_check_dry_run_writes_a_report_with_every_stage(tmp_path):
     for name in ("bench_fp32", "bench_tf32", "bench_bf16", "bench_compile"):
         assert summary["bench"][name]["rows"], name
     assert summary["pytest_counts"]["failures"] == 0 and summary["pytest_counts"]["errors"] == 0
-    assert set(summary["train"]["rows"]) == set(gpu_check.TRAIN_ROUTERS.split(","))
-    assert (out / "train_tiny" / "results.json").exists() and (out / "env.json").exists()
+    for d in gpu_check.RUNGS:
+        assert set(summary["train"][str(d)]["rows"]) == set(gpu_check.TRAIN_ROUTERS.split(","))
+        assert (out / f"train_d{d}" / "results.json").exists()
+        assert "projects nothing" in summary["train"][str(d)]["projection"]["note"]
+    assert (out / "env.json").exists() and summary["env"]["cpu"]
     after = {p: p.stat().st_mtime for p in committed.rglob("*")} if committed.exists() else None
     assert after == before  # the dry run leaves assets/gpu alone

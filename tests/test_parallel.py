@@ -43,10 +43,11 @@ def full_layer(router, group):
     return layer
 
 
-def threshold_layer(group):
-    """An expert-choice layer that routes by learned thresholds in eval mode."""
+def threshold_layer(group, routing="threshold"):
+    """An expert-choice layer that routes by learned thresholds in eval mode (once trained:
+    eval_routing "threshold" or the default "auto")."""
     layer = full_layer("ec2", group)
-    layer.eval_routing = "threshold"
+    layer.eval_routing = routing
     return layer
 
 
@@ -87,12 +88,13 @@ def _worker(rank, W, init_file, out_dir):
             layer.update_bias()
             results[router, group]["expert_bias"] = layer.expert_bias.clone()
     # threshold routing (eval) after one training forward: thresholds averaged over the ranks
-    for group in ecmoe.GROUPS:
-        layer = parallel.shard_experts(threshold_layer(group), world)
-        x = global_inputs(W, 99)[0][rank * B:(rank + 1) * B]
-        layer(x)  # training mode: learns the thresholds
-        layer.eval()
-        results["threshold", group] = dict(threshold=layer.threshold.clone(), y=layer(x).y.detach())
+    for routing in ("threshold", "auto"):
+        for group in ecmoe.GROUPS:
+            layer = parallel.shard_experts(threshold_layer(group, routing), world)
+            x = global_inputs(W, 99)[0][rank * B:(rank + 1) * B]
+            layer(x)  # training mode: learns the thresholds
+            layer.eval()
+            results[routing, group] = dict(threshold=layer.threshold.clone(), y=layer(x).y.detach())
     # checks that need the group; their outcomes go to the parent as plain values
     checks = {}
     torch.manual_seed(5)
@@ -169,24 +171,26 @@ def test_sharded_layer_equals_single_process(spawned, router, group):
 def test_threshold_routing_is_learned_and_applied_as_on_one_process(spawned):
     """Expert-choice thresholds learned on W ranks equal one process's on the global batch (for
     sequence groups: the same groups), and eval routing by thresholds (slots differ between ranks:
-    padded) gives each rank the single-process output."""
+    padded), asked for by eval_routing "threshold" or by the default "auto", gives each rank the
+    single-process output."""
     W, ranks = spawned
     x = global_inputs(W, 99)[0]
-    for group in ecmoe.GROUPS:
-        if group == "sequence":  # one process on all W*B rows forms exactly the ranks' groups
-            whole = threshold_layer(group)
-            whole(x)
+    for routing in ("threshold", "auto"):
+        for group in ecmoe.GROUPS:
+            if group == "sequence":  # one process on all W*B rows forms exactly the ranks' groups
+                whole = threshold_layer(group, routing)
+                whole(x)
+                for r in range(W):
+                    torch.testing.assert_close(ranks[r]["results"][routing, group]["threshold"],
+                                               whole.threshold, rtol=0, atol=ATOL)
             for r in range(W):
-                torch.testing.assert_close(ranks[r]["results"]["threshold", group]["threshold"],
-                                           whole.threshold, rtol=0, atol=ATOL)
-        for r in range(W):
-            got = ranks[r]["results"]["threshold", group]
-            layer = threshold_layer(group)
-            with torch.no_grad():
-                layer.threshold.copy_(got["threshold"])
-                layer.threshold_updates.fill_(1)
-            layer.eval()
-            torch.testing.assert_close(got["y"], layer(x[r * B:(r + 1) * B]).y, rtol=0, atol=ATOL)
+                got = ranks[r]["results"][routing, group]
+                layer = threshold_layer(group, "threshold")
+                with torch.no_grad():
+                    layer.threshold.copy_(got["threshold"])
+                    layer.threshold_updates.fill_(1)
+                layer.eval()
+                torch.testing.assert_close(got["y"], layer(x[r * B:(r + 1) * B]).y, rtol=0, atol=ATOL)
 
 
 def test_learned_router_state_is_the_same_on_every_rank(spawned):

@@ -9,6 +9,7 @@ recomputation); state_dict round trips; the trainer and lab/evaluation wiring; c
 """
 import copy
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -253,6 +254,39 @@ def test_evaluation_treats_expert_threshold_as_deployed():
     inf = inference_eval(model, vals, torch.device("cpu"))
     assert "threshold_1" not in inf and abs(inf["group_1"] - trained) < 1e-5
     assert all(m.eval_routing == "threshold" for _, m in model.moe_layers())
+
+
+def test_evaluate_restores_each_layers_routing_and_inference_eval_is_quiet():
+    """evaluate(routing=...) routes the expert-choice layers as asked, then gives each layer back
+    its own eval_routing (the default "auto", or what was set); inference_eval's group routing
+    at batch size 1 does not warn about its degenerate buckets, which an explicit group
+    evaluation at batch size 1 does, once per layer."""
+    def recorded(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = call()
+        return result, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    models = []
+    for _ in range(2):
+        model, V = tiny_lm("ec2", group="position")
+        for s in range(3):
+            model.train()(ids_of(V, B=8, seed=s))
+        models.append(model)
+    layers = expert_choice_layers(models[0])
+    assert [m.eval_routing for m in layers] == ["auto", "auto"]
+    layers[0].eval_routing = "group"
+    vals = [(ids_of(V, B=8, seed=10), ids_of(V, B=8, seed=11))]
+    cpu = torch.device("cpu")
+    for routing in ("group", "threshold"):
+        _, messages = recorded(lambda: evaluate(models[0], vals, cpu, routing))
+        assert messages == [] and [m.eval_routing for m in layers] == ["group", "auto"]
+    inference, messages = recorded(lambda: inference_eval(models[0], vals, cpu))
+    assert messages == [] and {"group_1", "threshold_1"} <= set(inference)
+    assert [m.eval_routing for m in layers] == ["group", "auto"]
+    rows = [(ids[:1], tgt[:1]) for ids, tgt in vals * 2]
+    _, messages = recorded(lambda: evaluate(models[1], rows, cpu, "group"))
+    assert len(messages) == 2 and all("e*k/n = 4" in m for m in messages), messages
 
 
 # ----------------------------------------------------------------------------- loss-free: module == reference

@@ -58,18 +58,29 @@ def test_dense_from_must_be_the_same_experiment(tmp_path, capsys):
 
 def test_sweep_varies_the_capacity_factor(tmp_path):
     """--flag capacity_factor: each value trains every MoE router at that c (the dense runs are
-    the same at every value), recorded in the runs' configs."""
+    the same at every value), recorded in the runs' configs and in their labels ("ec2@c1"); the
+    report drops the point's "@cC", so every value has the pairs "ec2 vs top2", "ec2 vs dense"."""
     out = tmp_path / "sw"
     sweep.main(["--flag", "capacity_factor", "--values", "1,1.5", "--out", str(out), "--",
                 "--dry-run", "--routers", "top2,ec2,dense", "--seeds", "0,1"])
     s = json.loads((out / "sweep.json").read_text())
     assert [p["value"] for p in s["points"]] == ["1", "1.5"]
     for p in s["points"]:
-        res = json.loads((out / f"capacity_factor_{p['value']}" / "results.json").read_text())
+        v = p["value"]
+        res = json.loads((out / f"capacity_factor_{v}" / "results.json").read_text())
         c = {r["router"]: r["capacity_factor"] for r in res["runs"]}
-        assert c == {"top2": float(p["value"]), "ec2": float(p["value"]), "dense": None}
-        assert "ec2 vs top2" in p["pairs"] and "ec2 vs dense" in p["pairs"]
+        assert c == {f"top2@c{v}": float(v), f"ec2@c{v}": float(v), "dense": None}
+        assert p["labels"] == {"top2": f"top2@c{v}", "ec2": f"ec2@c{v}"}
+        assert {"ec2 vs top2", "top2 vs dense", "ec2 vs dense"} <= set(p["pairs"])
     assert "| 1.5 |" in (out / "sweep.md").read_text()
+
+
+def test_unlabelled_keeps_names_unique():
+    """The report drops "@cC" only where the names stay unique: "ec2@c1" and "ec2" in one
+    point keep their labels."""
+    run = dict(seed=0, final_val=1.0, config={})
+    res = dict(runs=[dict(run, router="ec2@c1"), dict(run, router="ec2")])
+    assert sweep.unlabelled(res) == (res, {})
 
 
 def test_sweep_help(capsys):

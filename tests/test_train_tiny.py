@@ -6,8 +6,10 @@ import inspect
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,9 @@ from lab import sample
 from lab.corpus import load_corpus
 from lab.evaluation import evaluate, expert_choice_layers
 from lab.runner import Progress
-from moe.routers import ROUTERS, base_router
+from moe import routers
+from moe.routers import ROUTERS, parse_routers, resolve
+from moe.token_choice import TokenChoiceMoE
 
 # A tiny config (seconds per run) given as flags, so the tests exercise the real parser.
 TINY = ["--d-model", "32", "--d-ff", "32", "--n-heads", "2", "--enc-layers", "2",
@@ -262,11 +266,11 @@ def test_dry_run_end_to_end(tmp_path, arch):
     # inference at batch size 1: every run measured it; threshold routing is batch-independent
     for r in saved["runs"]:
         inf = r["inference"]
-        if base_router(r["router"]) in ("ec1", "ec2"):
+        if resolve(r["router"]).base in ("ec1", "ec2"):
             assert abs(inf["threshold_B"] - inf["threshold_1"]) < 1e-4
             assert len(r["val_loss_threshold"]) == len(r["val_step"])
             assert len(r["thresholds_over_training"][layer]) == len(r["val_step"])
-        elif base_router(r["router"]) in ("cap2", "cap3"):   # a group of 1 token
+        elif resolve(r["router"]).base in ("cap2", "cap3"):   # a group of 1 token
             assert inf["group_1"] is None and "infeasible" in inf["error"]
         else:
             assert inf["group_1"] > 0
@@ -274,6 +278,17 @@ def test_dry_run_end_to_end(tmp_path, arch):
     model, cfg = tt.load_model(tmp_path, "ec2", 1)
     assert cfg.arch == arch and not model.training
     assert all(int(m.threshold_updates) == cfg.steps for m in expert_choice_layers(model))
+    # what "validation_routing" says is what val_loss and val_loss_threshold measured: the
+    # final model in its training groups at the training batch size, and by its thresholds
+    vals = tt.val_batches(load_corpus(cfg.data, cfg.chunk_bytes), cfg)
+    run = next(r for r in saved["runs"] if r["router"] == "ec2" and r["seed"] == 1)
+    device = torch.device("cpu")
+    assert float(np.mean(evaluate(model, vals, device, "group"))) == run["val_loss"][-1]
+    assert float(np.mean(evaluate(model, vals, device, "threshold"))) == \
+        run["val_loss_threshold"][-1]
+    assert saved["validation_routing"] == tt.validation_routing(cfg)
+    group = {"lm": "lm: position groups of n=4 tokens", "t5": "decoder: position groups of n=4"}
+    assert group[arch] in saved["validation_routing"]
 
 
 def test_dry_run_does_not_write_the_default_out_dir(tmp_path, monkeypatch):
@@ -396,6 +411,11 @@ def test_aa_control_same_init_other_data(text_file):
     (["--capacity-factor", "0"], "--capacity-factor"),
     (["--routers", "cap2", "--capacity-factor", "3"], "--capacity-factor"),   # cap2: c <= 2
     (["--steps", "60", "--cooldown", "150"], "--cooldown"),   # the schedule covers the run
+    (["--routers", "ec1,ec2", "--capacity-factor", "2"], "--routers"),   # one model, two names
+    (["--routers", "ec2@c1", "--capacity-factor", "2"], "--routers"),    # c given twice
+    (["--routers", "dense@c1"], "--routers"),                            # dense has no c
+    (["--routers", "ec2@c0"], "--routers"),
+    (["--decoder-router", "token"], "--decoder-router"),                 # a t5 option
 ])
 def test_bad_flags_name_the_flag(flags, named, capsys):
     """Bad flags exit with a message that names the flag."""
@@ -467,15 +487,16 @@ def test_lm_threshold_inference_is_causal_and_batch_independent():
 
 
 def test_evaluate_restores_training_state():
-    """evaluate(..., "threshold") leaves every layer in group routing and the model in train mode,
-    and moves no threshold."""
+    """evaluate(..., "threshold") leaves every layer's eval_routing as it was and the model in
+    train mode, and moves no threshold."""
     cfg = tiny_cfg(chunk_bytes=12)
     model, V = _trained_ec_model(cfg)
     model.train()
     before = [m.threshold.clone() for m in expert_choice_layers(model)]
+    routing = [m.eval_routing for m in expert_choice_layers(model)]
     ids = torch.randint(2, V, (4, 12))
     evaluate(model, [(ids, ids)], torch.device("cpu"), "threshold")
-    assert model.training and all(m.eval_routing == "group" for m in expert_choice_layers(model))
+    assert model.training and [m.eval_routing for m in expert_choice_layers(model)] == routing
     assert all(torch.equal(b, m.threshold) for b, m in zip(before, expert_choice_layers(model)))
 
 
@@ -690,9 +711,178 @@ def test_capacity_factor_flag(text_file, tmp_path, capsys):
                    "--eval-every", "2", "--out", str(tmp_path)]
     assert tt.main(argv + ["--capacity-factor", "1.5", "--stop-after", "1"]) is None
     res = tt.main(argv + ["--capacity-factor", "1.5", "--resume"])
+    # the run is named by its label: the c is in the name wherever it is not the router's own
+    assert res["routers"] == ["ec2@c1.5", "dense"]
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {"ec2@c1.5_s0.json", "dense_s0.json"}
+    assert "ec2@c1.5 s0] step" in capsys.readouterr().out          # the progress lines
     runs = {r["router"]: r for r in res["runs"]}
-    assert runs["ec2"]["config"]["capacity_factor"] == 1.5 and runs["ec2"]["capacity_factor"] == 1.5
-    assert runs["dense"]["capacity_factor"] is None
+    assert runs["ec2@c1.5"]["config"]["capacity_factor"] == 1.5
+    assert runs["ec2@c1.5"]["capacity_factor"] == 1.5 and runs["dense"]["capacity_factor"] is None
+    # "ec2@c1.5" is itself a router name: the same model, bitwise the same losses
+    named = tt.main(TINY + ["--data", text_file, "--routers", "ec2@c1.5", "--seeds", "0",
+                            "--steps", "4", "--eval-every", "2", "--out", str(tmp_path / "named")])
+    assert _curves(named)[("ec2@c1.5", 0)] == _curves(res)[("ec2@c1.5", 0)]
     with pytest.raises(SystemExit):
         tt.main(argv + ["--resume"])
     assert "capacity_factor" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 24: one resolver for router names, labels that carry c, a code hash from the imports.
+
+
+def test_resolve_names_and_labels():
+    """resolve(): a label names the c when it is not the table's ("ec2@c1"), which is itself a
+    valid name; "_aa" is the null control of the same base; bad names and a c given twice are
+    ValueErrors naming the problem."""
+    r = resolve("ec2")
+    assert (r.label, r.base, r.layer, r.capacity_factor, r.token_choice, r.null_control) == \
+        ("ec2", "ec2", ecmoe.MoE, 2.0, False, False)
+    assert resolve("ec2", 1).label == resolve("ec2@c1").label == resolve("ec2@c1.0").label == "ec2@c1"
+    assert resolve("ec2@c1").capacity_factor == resolve("ec2@c1", 1.0).capacity_factor == 1.0
+    assert resolve("ec2", 2).label == resolve("ec2@c2").label == "ec2"      # the table's own c
+    assert resolve("ec1", 2).label == "ec1@c2" and resolve("top2", 1.5).label == "top2@c1.5"
+    aa = resolve("top2_aa@c1")
+    assert (aa.label, aa.base, aa.capacity_factor, aa.null_control, aa.token_choice) == \
+        ("top2_aa@c1", "top2", 1.0, True, True)
+    dense = resolve("dense", 1.5)
+    assert (dense.label, dense.layer, dense.capacity_factor) == ("dense", None, None)
+    for name, c, match in [("top3", None, "unknown router"), ("dense@c1", None, "no capacity"),
+                           ("ec2@c0", None, "finite number > 0"), ("ec2@cx", None, "> 0"),
+                           ("ec2@cinf", None, "> 0"), ("ec2@c1", 2.0, "states c = 1"),
+                           ("ec2", 0.0, "capacity_factor"), ("ec2", math.nan, "capacity_factor")]:
+        with pytest.raises(ValueError, match=match):
+            resolve(name, c)
+    # the shorthands other files import answer from resolve
+    assert routers.base_router("top2_aa@c1") == "top2" and routers.capacity_factor("ec2@c1") == 1.0
+    assert routers.make_layer("ec2@c1", 8, 16, 4).capacity_factor == 1.0
+
+
+def test_parse_routers_refuses_one_model_under_two_names():
+    """--routers ec1,ec2 --capacity-factor 2 would train expert choice at c = 2 twice, as "ec1@c2"
+    and "ec2": refused, as is a label given twice; distinct models (the A/A control included) pass."""
+    assert parse_routers("ec1,ec2") == ["ec1", "ec2"]
+    assert parse_routers("ec2,top2,top2_aa,dense", 1) == ["ec2@c1", "top2@c1", "top2_aa@c1", "dense"]
+    assert parse_routers("cap2,cap3,top2,top2_dropless", 2) == ["cap2", "cap3", "top2", "top2_dropless"]
+    for text, c in [("ec1,ec2", 2.0), ("ec1,ec2", 1.0), ("et1@c2,et2", None), ("ec1@c1.5,ec2", 1.5)]:
+        with pytest.raises(ValueError, match="would train the same model"):
+            parse_routers(text, c)
+    with pytest.raises(ValueError, match="given more than once"):
+        parse_routers("ec2@c2,ec2")
+
+
+def test_cli_refuses_one_model_under_two_names(capsys):
+    """The trainer says why it refuses --routers ec1,ec2 --capacity-factor 2."""
+    with pytest.raises(SystemExit):
+        tt.main(["--routers", "ec1,ec2", "--capacity-factor", "2", "--out", "/tmp/unused"])
+    err = capsys.readouterr().err
+    assert "--routers" in err and "ec1@c2 and ec2 would train the same model" in err
+
+
+@pytest.mark.parametrize("router", ["top1", "top2", "top2_lossfree", "ec2", "et2", "cap2"])
+def test_token_choice_has_one_answer(router):
+    """"Is this token choice?" is answered once (moe.routers.token_choice): the name's Resolved,
+    the layer the trainer builds and the balance loss the trainer adds all agree."""
+    cfg = tiny_cfg(chunk_bytes=12, aux_loss_weight=1.0)
+    model = tt.build_model(cfg, router)
+    tt.init_weights(model, 0)
+    (_, moe), = model.moe_layers()
+    answer = resolve(router).token_choice
+    assert answer == isinstance(moe, TokenChoiceMoE) == routers.is_token_choice(router)
+    assert answer == (router in ("top1", "top2", "top2_lossfree"))
+    ids = torch.randint(2, tt.vocab_size(cfg), (4, 12))
+    ce, loss, outs = tt.loss_fn(model, (ids, ids), cfg)
+    with_aux = ce + cfg.z_loss_weight * outs[0].z_loss + cfg.aux_loss_weight * outs[0].aux_loss
+    assert torch.equal(loss, with_aux if answer else ce + cfg.z_loss_weight * outs[0].z_loss)
+
+
+def test_decoder_router_token_says_what_it_trains(tmp_path, capsys):
+    """--decoder-router token (t5): the console and results.json say what each router's decoder
+    MoE layers became (top-2 at the router's c), and that is what the model holds."""
+    res = tt.main(["--dry-run", "--arch", "t5", "--decoder-router", "token", "--routers",
+                   "ec2,ec1,top1,dense", "--seeds", "0", "--out", str(tmp_path)])
+    expect = {"ec2": "top2", "ec1": "top2@c1", "top1": "top1", "dense": "dense"}
+    assert res["decoder_routers"] == expect
+    out = capsys.readouterr().out
+    assert "the t5 decoder's MoE layers are ec2 -> top2, ec1 -> top2@c1, top1 -> top1, " \
+        "dense -> dense" in out
+    assert json.loads((tmp_path / "results.json").read_text())["decoder_routers"] == expect
+    cfg = tiny_cfg(arch="t5", decoder_router="token")
+    for run, dec in expect.items():
+        want = resolve(dec)
+        layers = dict(tt.build_model(cfg, run).moe_layers())
+        for name, layer in layers.items():
+            if name.startswith("dec"):
+                assert type(layer) is want.layer and layer.capacity_factor == want.capacity_factor
+                assert layer.top_k == want.options["top_k"]
+
+
+ROOT = Path(tt.__file__).parent
+HASH = "import train_tiny; print(train_tiny.code_sha256())"
+
+
+def test_code_hash_covers_the_import_closure():
+    """The hashed files are exactly the project files `import train_tiny` loads (moe/grouped.py,
+    which the old hand-kept list missed, among them), found from the imports."""
+    files = tt.code_files()
+    listed = ("import os, sys, train_tiny; root = os.path.dirname(os.path.abspath("
+              "train_tiny.__file__)); print('\\n'.join(sorted(os.path.relpath(m.__file__, root) "
+              "for m in list(sys.modules.values()) if getattr(m, '__file__', None) and "
+              "os.path.abspath(m.__file__).startswith(root + os.sep) and "
+              "os.path.isfile(m.__file__) and '.venv' not in m.__file__)))")
+    done = subprocess.run([sys.executable, "-B", "-c", listed], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert files == done.stdout.split() and "moe/grouped.py" in files
+
+
+def test_code_hash_changes_with_a_file_the_old_list_missed(tmp_path):
+    """Copied alone, the closure gives the same hash (it is complete); a change to moe/grouped.py
+    (ET's experts run there; the old list left it out) changes it."""
+    for rel in tt.code_files():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+
+    def sha():
+        done = subprocess.run([sys.executable, "-B", "-c", HASH], cwd=tmp_path, timeout=300,
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+    before = sha()
+    assert before == tt.code_sha256()
+    with open(tmp_path / "moe" / "grouped.py", "a") as f:
+        f.write("\n# a change\n")
+    assert sha() != before
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 23: the scale ladder, and the GPU preset as its rung 512.
+
+
+def test_ladder_rung_64_is_the_default_config():
+    """rung(64) is the default config's widths and lr, so the committed d=64 runs are that rung;
+    the rungs scale widths only, lr as 3e-3 * sqrt(64 / d) to two digits."""
+    default = tt.Config()
+    assert tt.rung(64) == dict(d_model=default.d_model, d_ff=default.d_ff,
+                               n_heads=default.n_heads, lr=default.lr)
+    for d, lr in tt.LADDER_LR.items():
+        assert lr == pytest.approx(3e-3 * math.sqrt(64 / d), rel=0.02)
+        assert tt.rung(d)["d_ff"] == 2 * d and d % tt.rung(d)["n_heads"] == 0
+    assert set(parse_routers(tt.LADDER_ROUTERS)) >= {"top1", "ec1", "top2", "ec2", "et2", "dense",
+                                                     "top2_aa"}
+
+
+def test_gpu_preset_is_ladder_rung_512(capsys):
+    """--preset gpu (asked for on a CPU-only machine: parse_config only, nothing trains) is rung
+    512 with the ladder's routers and top2_dropless; the tokens are the default config's; --help
+    lists it."""
+    cfg, _ = tt.parse_config(["--preset", "gpu", "--device", "cpu"])
+    default = tt.Config()
+    assert (cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.lr) == (512, 1024, 8, 1.05e-3)
+    assert cfg.routers == tt.LADDER_ROUTERS + ",top2_dropless" and cfg.workers == 1
+    assert (cfg.steps, cfg.batch_size, cfg.chunk_bytes, cfg.experts, cfg.dec_layers) == (
+        default.steps, default.batch_size, default.chunk_bytes, default.experts, default.dec_layers)
+    with pytest.raises(SystemExit):
+        tt.main(["--help"])
+    assert "gpu: d_model=512" in " ".join(capsys.readouterr().out.split())
