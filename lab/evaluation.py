@@ -3,10 +3,12 @@ training or with expert choice's learned thresholds, and at batch size 1, the wa
 used at inference.
 
     evaluate(model, batches, device)          -> [loss of each batch]
+    with routed_as(model, "group"): ...       eval mode, expert-choice layers routed as asked
     inference_eval(model, batches, device)    -> dict: losses at batch size 1, threshold loads
     stat_vector(RoutingStats), stats_dict     routing statistics as 9 numbers, and named
 """
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -28,6 +30,24 @@ def expert_choice_layers(model):
             if m.threshold is not None and not isinstance(m, ExpertThresholdMoE)]
 
 
+@contextmanager
+def routed_as(model, routing):
+    """model.eval() with its expert-choice layers routing as `routing` ("group": as in training,
+    "threshold": by the learned thresholds); each layer's own eval_routing (the default "auto",
+    say) and train mode come back afterwards. Every evaluation of a trained model goes through
+    here, so a layer's default never decides how a committed number was measured."""
+    before = {m: m.eval_routing for m in expert_choice_layers(model)}
+    for m in before:
+        m.eval_routing = routing
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, previous in before.items():
+            m.eval_routing = previous
+        model.train()
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, routing="group", stats=None, world=World()):
     """Cross-entropy of each fixed validation batch -> list of floats (one sync per batch).
@@ -39,26 +59,18 @@ def evaluate(model, batches, device, routing="group", stats=None, world=World())
     state is left as it was. routing: "group" (as in training) or "threshold" (expert-choice
     layers route token by token with their learned thresholds; other layers as in training).
     stats: a list that gets one [MoE layer] list of RoutingStats per batch. Under torchrun each
-    rank holds its rows of every batch and gets the whole batch's losses. Each layer's own
-    eval_routing (the default "auto", say) is restored afterwards."""
-    model.eval()
-    before = {m: m.eval_routing for m in expert_choice_layers(model)}
-    for m in before:
-        m.eval_routing = routing
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(SEED)
-            losses = []
-            for *inputs, tgt in batches:
-                logits, outs = model(*[t.to(device) for t in inputs])
-                losses.append(F.cross_entropy(logits.flatten(0, 1).float(),
-                                              tgt.to(device).flatten()).item())
-                if stats is not None:
-                    stats.append([o.stats for o in outs])
-    finally:
-        for m, previous in before.items():
-            m.eval_routing = previous
-        model.train()
+    rank holds its rows of every batch and gets the whole batch's losses (routed_as restores
+    each layer's own eval_routing afterwards)."""
+    with routed_as(model, routing), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(SEED)
+        losses = []
+        for *inputs, tgt in batches:
+            logits, outs = model(*[t.to(device) for t in inputs])
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(),
+                                          tgt.to(device).flatten()).item())
+            if stats is not None:
+                stats.append([o.stats for o in outs])
     return world.average(losses)
 
 

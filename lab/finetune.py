@@ -75,6 +75,7 @@ import train_tiny as tt
 from ecmoe import expert_capacity
 from lab import finetune_report as report
 from lab.cli import check_out_dir, dataclass_parser, flag, given_flags
+from lab.evaluation import routed_as
 from lab.files import clock, load_checkpoint, read_json, write_json
 from lab.finetune_tasks import (IDENT_MIN_BYTES, ROOT_MIN_BYTES, TASKS, accuracy, build_suite,
                                 decode_answer, exact_match, rank_classify, suite_summary,
@@ -256,9 +257,10 @@ def evaluate(model, task, data, arch, batch_size, device):
     N = len(data["answer_text"])
     order = np.concatenate([np.arange(N), np.arange(-N % batch_size) % N])
     labels = torch.tensor([b[0] + BYTE0 for b in task.labels], dtype=torch.long, device=device)
-    model.eval()
     preds = []                            # classify: class indices; generate: bytes or None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # trained expert-choice layers route as in pretraining (by group), not by their thresholds
+    with routed_as(model, "group"), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -272,7 +274,6 @@ def evaluate(model, task, data, arch, batch_size, device):
             else:
                 gen = generate(model, prompt, arch, data["answer"].shape[1], task.stop)
                 preds += [decode_answer(g, task.stop) for g in gen.cpu()]    # [B] answers
-    model.train()
     preds = preds[:N]
     if task.kind == "classify":
         gold = data["label"].tolist()

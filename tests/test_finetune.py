@@ -17,12 +17,14 @@ import pytest
 import torch
 
 import train_tiny as tt
+from ecmoe import MoE
 from lab import finetune as ft
 from lab import finetune_report as report
 from lab import finetune_tasks as suite_lib
 from lab import stats
 from lab.runner import import_closure
 from lab.corpus import stdlib_files
+from lab.evaluation import expert_choice_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,6 +200,9 @@ class ScriptedLM(torch.nn.Module):
             logits[b, -1, tok] = 1.0
         return logits, []
 
+    def moe_layers(self):                                # no MoE layer
+        return []
+
 
 def test_generate_stops_and_pads_finished_rows():
     """Greedy decoding stops at the stop token; a finished row continues with PAD (as after
@@ -231,6 +236,23 @@ def test_evaluate_pads_the_last_batch_and_scores_each_example_once():
     assert {len(x) for x in model.seen} == {2}
 
 
+def test_evaluate_routes_trained_expert_choice_by_group_as_in_pretraining(monkeypatch):
+    """A trained expert-choice model (default eval_routing "auto") is scored with group routing,
+    as the committed fine-tuning results were, never by its thresholds; its eval_routing and
+    train mode come back afterwards."""
+    cfg, _ = tt.parse_config(["--dry-run"])
+    model = tt.build_model(cfg, "ec2")
+    tt.init_weights(model, 0)
+    model(torch.randint(tt.BYTE0, 200, (4, 8)))          # a training forward: thresholds learned
+    seen, routes = [], MoE.routes_by_threshold
+    monkeypatch.setattr(MoE, "routes_by_threshold", lambda self: seen.append(routes(self)) or seen[-1])
+    data = dict(prompt=np.full((3, 4), 10), answer_text=["a", "b", "c"],
+                answer=np.zeros((3, 2), np.int64), label=np.full(3, -1))
+    ft.evaluate(model, suite_lib.TASKS["ident"], data, "lm", 2, torch.device("cpu"))
+    assert seen and not any(seen)
+    assert model.training and all(m.eval_routing == "auto" for m in expert_choice_layers(model))
+
+
 def test_evaluate_classify_is_rank_classification_over_the_label_bytes():
     """Classification scores the label bytes' logits at the last prompt position: here the
     stub prefers 'n' for prompts starting with an odd token, 'y' otherwise; other tokens have
@@ -246,6 +268,9 @@ def test_evaluate_classify_is_rank_classification_over_the_label_bytes():
             logits[:, -1, n] = odd.float()
             logits[:, -1, y] = (~odd).float()
             return logits, []
+
+        def moe_layers(self):
+            return []
 
     data = dict(prompt=np.array([[4, 3], [5, 3], [6, 3]]), label=np.array([0, 1, 1]),
                 answer_text=["y", "n", "n"], answer=np.zeros((3, 1), np.int64))
