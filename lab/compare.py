@@ -459,17 +459,15 @@ def colour(base):
     return plt.get_cmap("tab10")(k) if k < 10 else extra[(k - 10) % len(extra)]
 
 
-def curves(path, res):
-    """Each router's validation loss over training, beside the differences figure: the mean over
-    its seeds (line) and the range of its seeds, min to max (band: where the seeds lie, not a
+def draw_curves(res, full, late=None):
+    """Each router's validation loss over training, drawn on the matplotlib axes `full` (all of
+    training) and `late` (the second half, on its own scale, where the routers separate): the mean
+    over its seeds (line) and the range of its seeds, min to max (band: where the seeds lie, not a
     confidence interval; the paired differences and their intervals are in differences.png).
-    Left: all of training; right: the second half, on its own scale, where the routers separate. Dense black, A/A controls (ROUTER_aa) dashed; a seed without a finite curve (a
-    diverged run) is left out and the legend counts the seeds drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    by, cfg = stats.runs_by_router(res), res["config"]
-    fig, (full, late) = plt.subplots(1, 2, figsize=(12, 4.8))
+    Dense black, A/A controls (ROUTER_aa) dashed; a seed without a finite curve (a diverged run)
+    is left out and the legend counts the seeds drawn. No backend change, no file (a notebook
+    calls it too). -> whether anything was drawn."""
+    by = stats.runs_by_router(res)
     last = max((r["val_step"][-1] for r in res["runs"] if r.get("val_step")), default=0)
     window = []
     for rt, runs in by.items():
@@ -484,26 +482,39 @@ def curves(path, res):
         style = dict(color=colour(base), ls="--" if stem.endswith(NULL_SUFFIX) else "-", lw=1.3)
         half = np.asarray(steps) >= last / 2
         for ax, keep in ((full, slice(None)), (late, half)):
+            if ax is None:
+                continue
             x = np.asarray(steps)[keep]
             ax.plot(x, mean[keep], label=f"{rt} ({len(ok)} seeds)", **style)
             ax.fill_between(x, lo[keep], hi[keep], color=style["color"], alpha=0.12, lw=0)
         window += [lo[half].min(), hi[half].max()] if half.any() else []
     if not window:
-        plt.close(fig)
-        return
+        return False
     full.set(xlabel="training step", ylabel="validation loss (nats per byte)",
              title="all of training")
-    pad = 0.05 * (max(window) - min(window)) + 1e-4
-    late.set_ylim(min(window) - pad, max(window) + pad)
-    late.set(xlabel="training step", title=f"second half (steps >= {last / 2:g})")
-    for ax in (full, late):
-        ax.grid(alpha=0.3)
-    late.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"{cfg['arch']}, {cfg['steps']} steps, seeds {cfg['seeds']}: validation loss per "
-                 "router; line: mean over seeds, band: min to max over seeds (not an interval)",
-                 fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png", bbox_inches="tight"))
+    full.grid(alpha=0.3)
+    if late is not None:
+        pad = 0.05 * (max(window) - min(window)) + 1e-4
+        late.set_ylim(min(window) - pad, max(window) + pad)
+        late.set(xlabel="training step", title=f"second half (steps >= {last / 2:g})")
+        late.grid(alpha=0.3)
+        late.legend(fontsize=7, loc="upper right")
+    return True
+
+
+def curves(path, res):
+    """curves.png beside differences.png: draw_curves on two panels, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = res["config"]
+    fig, (full, late) = plt.subplots(1, 2, figsize=(12, 4.8))
+    if draw_curves(res, full, late):
+        fig.suptitle(f"{cfg['arch']}, {cfg['steps']} steps, seeds {cfg['seeds']}: validation loss "
+                     "per router; line: mean over seeds, band: min to max over seeds (not an "
+                     "interval)", fontsize=10)
+        fig.tight_layout()
+        atomic_write(path, lambda t: fig.savefig(t, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 

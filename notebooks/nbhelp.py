@@ -11,7 +11,6 @@ only side effect. Everything else is called explicitly:
     token_expert_graph(ax, gates, token_index, n)  who picks whom: tokens left, experts right,
                                      one edge per (token, expert) assignment, width = gate
     show_routing(ax, A, title, ...)  a token x expert matrix as a picture, loads and counts labelled
-    mean_band(ax, x, Y, ...)         mean over seeds (rows of Y) with a band (min-max or 95 % t)
 
 Shapes: n tokens of a group, e experts, s slots per expert (k for expert choice); -1 in a
 token_index marks an empty slot (token choice's unfilled buffer).
@@ -148,24 +147,3 @@ def show_routing(ax, A, title, boxes=(), counts=True, gates=True):
     ax.set_yticks(range(n), [f"t{t} ({m})" if counts else f"t{t}" for t, m in enumerate(per_token)])
     ax.set_title(title)
     ax.tick_params(length=0)
-
-
-def mean_band(ax, x, Y, label=None, band="t95", color=None, style="-", alpha=0.18):
-    """Mean over the rows of Y [seeds, len(x)] as a line, with a shaded band: band="t95" (the 95 %
-    t interval of the mean, n - 1 degrees of freedom; none with one seed), "minmax", or None.
-    Returns the line."""
-    Y = np.asarray(Y, dtype=float)
-    if Y.ndim == 1:
-        Y = Y[None]
-    mean = Y.mean(0)
-    (line,) = ax.plot(x, mean, style, color=color, label=label)
-    if band == "minmax":
-        lo, hi = Y.min(0), Y.max(0)
-    elif band == "t95" and Y.shape[0] > 1:
-        from scipy.stats import t as student_t
-        half = student_t.ppf(0.975, Y.shape[0] - 1) * Y.std(0, ddof=1) / np.sqrt(Y.shape[0])
-        lo, hi = mean - half, mean + half
-    else:
-        return line
-    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=alpha, lw=0)
-    return line
