@@ -152,13 +152,36 @@ def combine(x, X_e, flat_index, gate_per_slot):
     return y.view(x.shape)
 
 
-def moe_ffn(x, gates, token_index, w_in, w_out, validate=True):
+def moe_ffn(x, gates, token_index, w_in, w_out, validate=True, pack=False):
     """(Eq. 3-4) Dispatch, expert FFNs, combine. x [..., n, d], gates/token_index [..., e, s],
-    w_in [e, d, f], w_out [e, f, d] -> y [..., n, d]; slots with index -1 add nothing."""
+    w_in [e, d, f], w_out [e, f, d] -> y [..., n, d]; slots with index -1 add nothing.
+    pack: compute only where slots are filled (threshold routing: loads vary, most slots are empty)."""
     if validate:
         check_moe_ffn_inputs(x, gates, token_index, w_in, w_out)
+    if pack:  # all tokens as one group, only the experts that took any, as many slots as the busiest
+        experts, gates, token_index = pack_slots(gates, token_index, x.shape[-2])  # [a], [1, a, m]
+        if len(experts) == 0:  # no token cleared any threshold
+            return torch.zeros_like(x)
+        y = moe_ffn(x.reshape(1, -1, x.shape[-1]), gates, token_index, w_in[experts], w_out[experts], validate=False)
+        return y.view(x.shape)
     X_in, flat_index, gate_per_slot = dispatch(x, gates, token_index)  # [e, G*s, d]
     return combine(x, expert_ffn(X_in, w_in, w_out), flat_index, gate_per_slot)
+
+
+def pack_slots(gates, token_index, n):
+    """The filled slots of G groups of n tokens as ONE group of G*n: gates/token_index [..., e, s]
+    (-1: empty) -> experts [a] (those with a filled slot), gates/token_index [1, a, m] (token g*n + t,
+    each expert's filled slots first, in order; m = the most any expert has). One host sync."""
+    e, s = token_index.shape[-2:]
+    index = token_index.reshape(-1, e, s)  # [G, e, s]
+    offset = torch.arange(index.shape[0], device=index.device).view(-1, 1, 1) * n  # group g's first token
+    index = torch.where(index >= 0, index + offset, -1).transpose(0, 1).reshape(e, -1)  # [e, G*s]
+    gates = gates.reshape(-1, e, s).transpose(0, 1).reshape(e, -1)  # [e, G*s]
+    count = (index >= 0).sum(-1).tolist()  # [e] filled slots of each expert (the sync)
+    experts = torch.tensor([i for i, filled in enumerate(count) if filled], dtype=torch.long, device=index.device)
+    m = max(count)
+    order = torch.sort((index[experts] >= 0).to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :m]
+    return experts, torch.gather(gates[experts], -1, order)[None], torch.gather(index[experts], -1, order)[None]
 
 
 # ----------------------------------------------------------------------------- router losses
@@ -346,8 +369,10 @@ class MoE(nn.Module):
         return v.mean(0)
 
     def experts(self, x_groups, gates, token_index):
-        """(Eq. 3-4) x_groups [G, n, d], gates/token_index [G, e, s] -> y [G, n, d]."""
-        return moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False)
+        """(Eq. 3-4) x_groups [G, n, d], gates/token_index [G, e, s] -> y [G, n, d]. Routed by the
+        thresholds, only the filled slots compute: about c experts a token at batch size 1, not e."""
+        pack = self.threshold is not None and self.routes_by_threshold()
+        return moe_ffn(x_groups, gates, token_index, self.w_in, self.w_out, validate=False, pack=pack)
 
     def checks_values(self, x):
         """Whether this forward reads values to check them (check_inputs; None: CPU, not compiling)."""

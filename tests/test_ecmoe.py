@@ -1032,6 +1032,66 @@ def test_threshold_stats_report_loads_around_k():
                                                           dtype=trained.expert_load.dtype))
 
 
+@pytest.mark.parametrize("G, n, e, seed", [(1, 1, 4, 0), (5, 1, 4, 1), (6, 5, 4, 2), (3, 7, 8, 3)])
+def test_packed_moe_ffn_equals_the_padded_one_float64(G, n, e, seed):
+    """moe_ffn(pack=True) gives moe_ffn's y for any pattern of empty slots (-1), in float64."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, s = 6, 10, 3
+    x = torch.randn(G, n, d, generator=g, dtype=torch.float64)
+    w_in = torch.randn(e, d, f, generator=g, dtype=torch.float64)
+    w_out = torch.randn(e, f, d, generator=g, dtype=torch.float64)
+    gates = torch.rand(G, e, s, generator=g, dtype=torch.float64)
+    token_index = torch.randint(n, (G, e, s), generator=g)
+    token_index[torch.rand(G, e, s, generator=g) < 0.6] = -1  # most slots empty, some experts idle
+    token_index[:, 0] = -1  # expert 0 takes nothing
+    want = ecmoe.moe_ffn(x, gates, token_index, w_in, w_out)
+    torch.testing.assert_close(ecmoe.moe_ffn(x, gates, token_index, w_in, w_out, pack=True), want, rtol=0, atol=1e-12)
+    experts, packed_gates, packed_index = ecmoe.pack_slots(gates, token_index, n)
+    count = (token_index >= 0).sum(dim=(0, 2))  # [e]
+    assert experts.tolist() == count.nonzero().flatten().tolist() and 0 not in experts.tolist()
+    assert packed_index.shape == (1, len(experts), int(count.max()))
+    assert sorted(packed_gates[packed_index >= 0].tolist()) == sorted(gates[token_index >= 0].tolist())
+    nothing = torch.full_like(token_index, -1)  # no token cleared any threshold: y = 0
+    assert torch.equal(ecmoe.moe_ffn(x, gates, nothing, w_in, w_out, pack=True), torch.zeros_like(x))
+
+
+def test_threshold_routing_executes_only_the_experts_a_token_takes():
+    """Routed by the thresholds, one token at batch size 1 executes exactly the expert FLOPs it
+    needs (FlopCounterMode); explicit group routing there runs all e experts; training runs every
+    slot; a window at batch size 1 executes between what it needs and what group routing runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    d, f, e = 8, 16, 4
+    layer = trained_threshold_layer(steps=20)
+    with torch.no_grad():
+        layer.w_router.normal_(0, 2.0)  # sharp scores: tokens take different numbers of experts
+        layer.train()
+        layer(torch.randn(32, 5, d, dtype=torch.float64))
+    layer.eval()
+
+    def needed_and_executed(x, eval_routing):
+        layer.eval_routing = eval_routing
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", UserWarning)
+            r = layer.route(ecmoe.router_probs(layer.group_tokens(x), layer.w_router))
+            with FlopCounterMode(display=False) as counter:
+                layer(x)
+        router = 2 * d * e * x.shape[0] * x.shape[1]
+        return router + 4 * d * f * int((r.token_index >= 0).sum()), counter.get_total_flops()
+
+    g = torch.Generator().manual_seed(5)
+    taken = set()
+    for _ in range(12):
+        token = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+        needed, executed = needed_and_executed(token, "threshold")
+        assert executed == needed
+        taken.add((needed - 2 * d * e) // (4 * d * f))
+        assert needed_and_executed(token, "group")[1] == 2 * d * e + e * 4 * d * f
+    assert len(taken) > 1  # the tokens took different numbers of experts
+    window = torch.randn(1, 16, d, generator=g, dtype=torch.float64)
+    needed, executed = needed_and_executed(window, "threshold")
+    assert needed <= executed < needed_and_executed(window, "group")[1] == 16 * (2 * d * e + e * 4 * d * f)
+
+
 def test_bad_eval_routing_raises_clear_errors():
     """Bad eval_routing / threshold_decay values, and thresholds never trained, name the problem."""
     with pytest.raises(ValueError, match="eval_routing must be 'auto', 'threshold' or 'group'"):

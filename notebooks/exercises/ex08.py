@@ -6,8 +6,9 @@
 - check_generate: greedy generation one sequence at a time. Checked against greedy decoding of a
   tiny trained model in eval mode: the same bytes, every forward routed by the learned thresholds,
   and the thresholds untouched (a training-mode forward moves them).
-- check_expert_flops: the expert FLOPs a routing needs (filled slots) and what ecmoe.MoE's padded
-  batched matmul executes; the executed count is measured with torch's FlopCounterMode.
+- check_expert_flops: the expert FLOPs a routing needs (filled slots) and what ecmoe.MoE's batched
+  matmul executes (every slot in training; packed by expert when routed by the thresholds); the
+  executed count is measured with torch's FlopCounterMode.
 """
 import copy
 import warnings
@@ -209,7 +210,8 @@ def flops_cases():
     cases = []
     for label, mode, x in [("expert choice in training, batch 8 (every slot filled)", "train", torch.randn(8, 6, d)),
                            ("threshold routing, batch 8 (loads vary)", "eval", torch.randn(8, 6, d)),
-                           ("threshold routing at batch size 1 (one token a group)", "eval", torch.randn(1, 6, d))]:
+                           ("threshold routing at batch size 1 (one token a group)", "eval", torch.randn(1, 6, d)),
+                           ("threshold routing, one new token at batch size 1", "eval", torch.randn(1, 1, d))]:
         layer.train(mode == "train")
         with torch.no_grad():
             x_groups = layer.group_tokens(x)  # [G, n, d]
@@ -243,11 +245,15 @@ def check_expert_flops(fn):
                 return wrong(f"{where}: your needed FLOPs count all G·e·s = {G * e * s} slots, but "
                              f"{G * e * s - filled} are empty (-1): a token that clears no threshold costs "
                              f"nothing where only filled slots are multiplied.")
+            if name == "executed" and value == per_slot * G * e * s:
+                return wrong(f"{where}: your executed FLOPs run every expert on all G·s = {G * s} of its slots, "
+                             f"as in training. Routed by the thresholds ecmoe.MoE packs first (pack_slots): "
+                             f"only the experts with a filled slot, each with as many slots as the busiest.")
             if name == "executed" and value == needed:
-                return wrong(f"{where}: your executed FLOPs count only the filled slots, but ecmoe.MoE's "
-                             f"batched matmul runs every expert on all G·s = {G * s} of its slots, empty ones "
-                             f"(gate 0) included: 4·d·f·e·G·s = {executed}.")
+                return wrong(f"{where}: your executed FLOPs count only the filled slots, but the batched "
+                             f"matmul gives every expert it runs as many slots as the busiest one fills; "
+                             f"the others get empty slots (gate 0) that are multiplied all the same.")
             return wrong(f"{where}: {name} should be {truth:,} FLOPs, yours {value:,.0f}.")
     return right(f"needed and executed FLOPs match on {len(cases)} routings. In training every slot is filled "
-                 f"(needed = executed); at batch size 1 ecmoe.MoE runs all e experts whatever the routing, so "
-                 f"the saving of threshold routing needs a kernel that skips empty slots (moe.grouped).")
+                 f"(needed = executed); routed by the thresholds ecmoe.MoE runs only the experts that took a "
+                 f"token, padded to the busiest: for one new token, exactly what it needs.")

@@ -112,10 +112,12 @@ def generate_last_token_only(model, idx, n_new):
 # ------------------------------------------------------------------------- 3. FLOPs of a routing
 def expert_flops(token_index, d_model, d_ff):
     """needed: 4·d·f per filled slot (two matmuls, a multiply-add = 2 FLOPs); executed: ecmoe.MoE's
-    bmm runs every expert on all G·s slots of the [G, e, s] layout, empty ones included."""
+    bmm runs the experts that have a filled slot, each on as many slots as the busiest has (over all
+    groups). In training every slot is filled, so that is all e experts on all G·s slots."""
     G, e, s = token_index.shape
     per_slot = 4 * d_model * d_ff
-    return per_slot * int((token_index >= 0).sum()), per_slot * G * e * s
+    count = (token_index >= 0).sum(dim=(0, 2))  # [e] filled slots of each expert
+    return per_slot * int(count.sum()), per_slot * int((count > 0).sum()) * int(count.max())
 
 
 def flops_multiply_adds(token_index, d_model, d_ff):
@@ -124,22 +126,24 @@ def flops_multiply_adds(token_index, d_model, d_ff):
     return needed // 2, executed // 2
 
 
-def flops_one_matmul(token_index, d_model, d_ff):
-    """Counts one matmul per slot (X W1), not the second (W2): 2·d·f per slot instead of 4·d·f."""
-    G, e, s = token_index.shape
-    return 2 * d_model * d_ff * int((token_index >= 0).sum()), 2 * d_model * d_ff * G * e * s
-
-
 def flops_no_padding(token_index, d_model, d_ff):
-    """executed = needed: forgets that the padded bmm also multiplies the empty slots."""
+    """executed = needed: forgets that the batched matmul pads every expert to the busiest one."""
     needed, _ = expert_flops(token_index, d_model, d_ff)
     return needed, needed
 
 
+def flops_whole_layout(token_index, d_model, d_ff):
+    """executed = every expert on all G·s slots, as in training: forgets that threshold routing packs."""
+    G, e, s = token_index.shape
+    needed, _ = expert_flops(token_index, d_model, d_ff)
+    return needed, 4 * d_model * d_ff * G * e * s
+
+
 def flops_empty_slots_needed(token_index, d_model, d_ff):
     """needed counts the empty slots (-1) as well: every slot of the layout, not the tokens routed."""
+    G, e, s = token_index.shape
     _, executed = expert_flops(token_index, d_model, d_ff)
-    return executed, executed
+    return 4 * d_model * d_ff * G * e * s, executed
 
 
 SOLUTIONS = {"check_moe_block": MoEBlock, "check_generate": generate, "check_expert_flops": expert_flops}
@@ -148,5 +152,6 @@ WRONG = {
                         BlockAddsMoEOutput],
     "check_generate": [generate_in_training_mode, generate_group_routing, generate_no_crop,
                        generate_last_token_only],
-    "check_expert_flops": [flops_multiply_adds, flops_one_matmul, flops_no_padding, flops_empty_slots_needed],
+    "check_expert_flops": [flops_multiply_adds, flops_no_padding, flops_whole_layout,
+                           flops_empty_slots_needed],
 }
