@@ -9,7 +9,8 @@ rung alone under the analysis plan, then the trend of each pair's difference ove
 
 A rung d is train_tiny with the widths of train_tiny.rung(d) (d_model = d, d_ff = 2d, heads,
 learning rate) and everything else the default config's (600 steps x 32 x 64 bytes: the tokens
-are the same at every rung), the routers train_tiny.LADDER_ROUTERS, into OUT/d<D>/. A rung named
+are the same at every rung), the routers train_tiny.LADDER_ROUTERS (on CUDA also top2_dropless,
+which the trend does not judge: the CPU rungs lack it), into OUT/d<D>/. A rung named
 in --reuse (default: 64=assets/lm_after_ec, the committed 12-seed set of the default config) is
 read from there and never trained. Training is resumable: --resume passes through to train_tiny,
 which skips finished runs and continues checkpoints. Judging reads every rung found: OUT/d*/
@@ -202,7 +203,10 @@ def build_parser():
                    help="widths d to train (reused rungs are read, never trained); default "
                         "512,1024 on CUDA, 128,256 on CPU")
     p.add_argument("--seeds", default="0-4", help="seeds of every rung trained: 0-4 or 0,1,2,...")
-    p.add_argument("--routers", default=train_tiny.LADDER_ROUTERS, help="routers of every rung")
+    p.add_argument("--routers", default=train_tiny.GPU_PRESET["routers"] if cuda else
+                   train_tiny.LADDER_ROUTERS, help="routers of every rung trained (default on "
+                   "CUDA: the ladder's and top2_dropless). Judged: those of them in "
+                   "train_tiny.LADDER_ROUTERS, so every rung has the same family")
     p.add_argument("--out", default="assets/ladder", help="the ladder's directory (OUT/d<D>/...)")
     p.add_argument("--reuse", default=REUSE_DEFAULT, help="D=DIR,...: rungs read from a committed "
                    "run set instead of trained ('' = none)")
@@ -251,7 +255,8 @@ def main(argv=None):
         if train_tiny.main(cmd) is None:          # --stop-after: the rung is not finished
             print(f"lab.ladder: rung d{d} stopped early; continue with --resume")
             return 1
-    j = judge_ladder(a.out, reuse, a.routers)
+    family = set(train_tiny.LADDER_ROUTERS.split(","))  # top2_dropless: trained, not judged
+    j = judge_ladder(a.out, reuse, ",".join(r for r in a.routers.split(",") if r in family))
     if not j["trend"]["rungs"]:
         print(f"lab.ladder: no rung with a results.json in {a.out} (or --reuse)")
         return 1

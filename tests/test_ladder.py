@@ -85,11 +85,14 @@ def test_rung_argv_is_the_rung_config_and_dry_run_trains_nothing(tmp_path, capsy
     assert not out.exists()
 
 
-def test_cuda_default_rungs(monkeypatch):
+def test_cuda_defaults_are_the_gpu_rungs_with_top2_dropless(monkeypatch):
     monkeypatch.setattr(ladder.torch.cuda, "is_available", lambda: True)
-    assert ladder.build_parser().parse_args([]).rungs == "512,1024"
+    a = ladder.build_parser().parse_args([])
+    assert a.rungs == "512,1024" and a.routers == train_tiny.LADDER_ROUTERS + ",top2_dropless"
+    assert a.routers == train_tiny.GPU_PRESET["routers"]  # what gpu_check projects the rungs with
     monkeypatch.setattr(ladder.torch.cuda, "is_available", lambda: False)
-    assert ladder.build_parser().parse_args([]).rungs == "128,256"
+    a = ladder.build_parser().parse_args([])
+    assert a.rungs == "128,256" and a.routers == train_tiny.LADDER_ROUTERS
 
 
 def test_judge_only_writes_the_trend_and_records_the_plan(tmp_path):
@@ -120,6 +123,25 @@ def test_judge_only_writes_the_trend_and_records_the_plan(tmp_path):
     assert book["plan_version"] == entry["plan_version"] == "4" and entry["judge_only"]
     assert entry["command"].startswith("python -m lab.ladder --judge-only") and entry["started"]
     json.dumps(j, allow_nan=False)
+
+
+def test_top2_dropless_is_trained_on_cuda_but_not_judged(tmp_path):
+    """Rungs that also hold top2_dropless runs (the GPU rungs) are judged on the ladder's routers
+    only: the same family at every rung, no pair with top2_dropless in a rung or in the trend."""
+    out = tmp_path / "ladder"
+    for d in (128, 256):
+        res = fake_results(d, effects=EFFECTS)
+        res["runs"] += [dict(r, router="top2_dropless", final_val=r["final_val"] - 0.05)
+                        for r in res["runs"] if r["router"] == "top2"]
+        write_rung(out / f"d{d}", res)
+    routers = train_tiny.GPU_PRESET["routers"]
+    assert "top2_dropless" in routers
+    assert ladder.main(["--judge-only", "--out", str(out), "--reuse", "", "--routers", routers]) == 0
+    j = json.loads((out / "trend.json").read_text())
+    assert j["routers"] == train_tiny.LADDER_ROUTERS.split(",")
+    named = [s for r in j["trend"]["rungs"] for s in r["sentences"]] + \
+        [row["pair"] for row in j["trend"]["pairs"]]
+    assert named and not any("dropless" in s for s in named)
 
 
 def test_training_calls_train_tiny_per_rung_then_judges(tmp_path, monkeypatch):
