@@ -100,9 +100,11 @@ def rung_dirs(out, reuse):
 
 
 def judge_ladder(out, reuse, routers):
-    """Judge every rung found and the trend across them -> the trend.json dict."""
+    """Judge every rung found and the trend across them -> the trend.json dict. Only the routers
+    of `routers` that are in train_tiny.LADDER_ROUTERS are judged (top2_dropless, trained on the
+    GPU rungs, never is), so every rung has the same family."""
     dirs = rung_dirs(out, reuse)
-    keep = routers.split(",")
+    keep = [r for r in routers.split(",") if r in train_tiny.LADDER_ROUTERS.split(",")]
     rungs, notes = [], []
     for d, path in dirs.items():
         res = read_json(path / "results.json", "results file", ("runs",))
@@ -255,8 +257,7 @@ def main(argv=None):
         if train_tiny.main(cmd) is None:          # --stop-after: the rung is not finished
             print(f"lab.ladder: rung d{d} stopped early; continue with --resume")
             return 1
-    family = set(train_tiny.LADDER_ROUTERS.split(","))  # top2_dropless: trained, not judged
-    j = judge_ladder(a.out, reuse, ",".join(r for r in a.routers.split(",") if r in family))
+    j = judge_ladder(a.out, reuse, a.routers)
     if not j["trend"]["rungs"]:
         print(f"lab.ladder: no rung with a results.json in {a.out} (or --reuse)")
         return 1
